@@ -1,0 +1,76 @@
+# loraplane: every target documented with a `## ` comment; `make` alone lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Binaries of the local control plane are cached outside the clone so CI and
+# later sessions reuse them; the cluster's state (certs, etcd, logs) stays in .cache/.
+export LORAPLANE_CACHE ?= $(HOME)/.cache/loraplane
+
+.PHONY: help install test test-slow test-gpu lint typecheck crds verify demo \
+        cluster-bins cluster-up cluster-down kubeconfig kubectl bench-cpu bench-gpu e2e clean
+
+help: ## List every target
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[operator,runtime,dev]'
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv and install loraplane with every extra (pinned)
+
+test: install cluster-bins ## Run the default test suite (unit + real control plane), as CI does
+	$(PY) -m pytest
+
+test-slow: install cluster-bins ## Run the slow tests too
+	$(PY) -m pytest -m 'not gpu'
+
+test-gpu: install ## Run the GPU tests (needs CUDA)
+	$(PY) -m pytest -m gpu
+
+lint: install ## Lint with ruff
+	$(VENV)/bin/ruff check src tests bench e2e
+	$(VENV)/bin/ruff format --check src tests bench e2e
+
+typecheck: install ## Type-check src/ with mypy
+	$(VENV)/bin/mypy
+
+crds: install ## Generate crds/*.yaml and the chart's copy from the pydantic models
+	$(PY) -m loraplane.api.crdgen --out crds --chart charts/loraplane/crds
+
+verify: install ## Fail when generated files (CRDs, chart copy) drift from the models
+	$(PY) -m loraplane.api.crdgen --out crds --chart charts/loraplane/crds --check
+
+demo: install ## Run the main job: a local demo of the whole system on an embedded default
+	$(PY) -m loraplane.demo
+
+cluster-bins: ## Build (cached) kube-apiserver, etcd, controller-manager, scheduler, kubectl, helm, kwok
+	e2e/cluster/build.sh
+
+cluster-up: cluster-bins ## Start the local control plane on 127.0.0.1 (idempotent)
+	e2e/cluster/cluster.sh up
+
+cluster-down: ## Stop the local control plane, leaving no processes
+	e2e/cluster/cluster.sh down
+
+kubeconfig: ## Print the absolute path of the local cluster's admin kubeconfig
+	@e2e/cluster/cluster.sh kubeconfig
+
+kubectl: ## Print the absolute path of the built kubectl
+	@e2e/cluster/cluster.sh kubectl
+
+bench-cpu: install ## Run the benchmarks at a tiny size on the CPU (proves the scripts)
+	bench/run_all.sh --cpu
+
+bench-gpu: install ## Build, check and time everything on a GPU in one run
+	bench/run_all.sh --gpu
+
+e2e: install cluster-bins ## End-to-end suite against the local control plane or KUBECONFIG
+	$(PY) -m pytest -m e2e e2e
+
+clean: ## Remove the venv and local caches in the clone
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

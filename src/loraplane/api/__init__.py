@@ -1,0 +1,1 @@
+"""The two resources (BaseModelDeployment, LoraAdapter): the single source of truth for the CRDs."""

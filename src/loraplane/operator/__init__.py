@@ -1,0 +1,1 @@
+"""The kopf operator. Never imports torch."""

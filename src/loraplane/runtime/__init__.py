@@ -1,0 +1,1 @@
+"""The multi-LoRA inference server. Never imports kopf or the operator."""
