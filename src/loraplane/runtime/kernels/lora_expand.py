@@ -1,0 +1,161 @@
+"""LoRA expand: y[t] += scale[slot] · h[t] · B[slot]ᵀ, accumulated in place into the base output.
+
+Same tiling as the shrink (one tile of tokens of one slot per program, times a BLOCK_N slice
+of d_out); the loop over rank stops at the slot's true rank and the shrink's split-K partials
+are summed on load. Products run on tensor cores in the adapter's dtype, sums in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from loraplane.runtime.kernels.lora_shrink import rank_mask
+from loraplane.runtime.kernels.segments import SegmentTiles
+
+BLOCK_R = 16
+BLOCK_N = 64
+
+
+@triton.jit
+def _lora_expand_kernel(
+    h_ptr,
+    b_ptr,
+    y_ptr,
+    ranks_ptr,
+    scales_ptr,
+    sorted_ptr,
+    tile_slot_ptr,
+    tile_start_ptr,
+    tile_end_ptr,
+    d_out,
+    num_splits,
+    stride_hs,
+    stride_hm,
+    stride_hr,
+    stride_bs,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.load(tile_slot_ptr + tile)
+    if slot < 0:
+        return
+    rank = tl.load(ranks_ptr + slot)
+    if rank == 0:
+        return
+    scale = tl.load(scales_ptr + slot)
+    start = tl.load(tile_start_ptr + tile)
+    end = tl.load(tile_end_ptr + tile)
+    rows = start + tl.arange(0, BLOCK_M)
+    m_mask = rows < end
+    tokens = tl.load(sorted_ptr + rows, mask=m_mask, other=0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < d_out
+    b_base = b_ptr + slot.to(tl.int64) * stride_bs
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        hm = m_mask[:, None] & r_mask[None, :]
+        h_rows = h_ptr + tokens[:, None] * stride_hm + offs_r[None, :] * stride_hr
+        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for s in range(0, num_splits):
+            h += tl.load(h_rows + s * stride_hs, mask=hm, other=0.0)  # [BLOCK_M, BLOCK_R]
+        b = tl.load(
+            b_base + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+            mask=n_mask[None, :] & r_mask[:, None],
+            other=0.0,
+        )  # [BLOCK_R, BLOCK_N]
+        if IEEE:
+            acc += tl.dot(h, b, input_precision="ieee")
+        else:
+            acc += tl.dot(h.to(b.dtype), b)
+    y_tile = y_ptr + tokens[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    ym = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_tile, mask=ym, other=0.0).to(tl.float32)
+    tl.store(y_tile, (y + acc * scale).to(y_ptr.dtype.element_ty), mask=ym)
+
+
+def lora_expand(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    b: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    tiles: SegmentTiles,
+) -> torch.Tensor:
+    """Add the LoRA delta into y in place and return y."""
+    # y: [tokens, d_out]  h: [splits, tokens, r_max] fp32  b: [slots, d_out, r_max]
+    assert y.dim() == 2 and h.dim() == 3 and b.dim() == 3, (y.shape, h.shape, b.shape)
+    num_tokens, d_out = y.shape
+    num_slots, b_d_out, r_max = b.shape
+    assert b_d_out == d_out, f"B has d_out {b_d_out}, y has {d_out}"
+    assert h.shape[1:] == (num_tokens, r_max) and h.dtype == torch.float32, (h.shape, h.dtype)
+    assert y.dtype == b.dtype and b.dtype in (torch.float16, torch.bfloat16, torch.float32), (
+        y.dtype,
+        b.dtype,
+    )
+    assert ranks.shape == (num_slots,) and ranks.dtype == torch.int32, (ranks.shape, ranks.dtype)
+    assert scales.shape == (num_slots,) and scales.dtype == torch.float32, scales.dtype
+    assert tiles.num_tokens == num_tokens and tiles.num_slots == num_slots, (tiles, y.shape)
+    assert y.device == h.device == b.device == ranks.device == scales.device
+    assert y.stride(1) == 1 and b.stride(2) == 1, "y and B need a contiguous last dim"
+    if num_tokens == 0:
+        return y
+    grid = (tiles.max_tiles, triton.cdiv(d_out, BLOCK_N))
+    _lora_expand_kernel[grid](
+        h,
+        b,
+        y,
+        ranks,
+        scales,
+        tiles.sorted_tokens,
+        tiles.tile_slot,
+        tiles.tile_start,
+        tiles.tile_end,
+        d_out,
+        h.shape[0],
+        h.stride(0),
+        h.stride(1),
+        h.stride(2),
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
+        y.stride(0),
+        y.stride(1),
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=BLOCK_N,
+        BLOCK_R=BLOCK_R,
+        IEEE=b.dtype == torch.float32,
+    )
+    return y
+
+
+def lora_expand_ref(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    b: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+) -> torch.Tensor:
+    """y + scale · h · Bᵀ per token as a new tensor in y's dtype (fp32 math; fp64 for fp64)."""
+    # y: [tokens, d_out]  h: [tokens, r_max]  b: [slots, d_out, r_max]  token_slots: [tokens]
+    assert h.dim() == 2 and b.dim() == 3 and h.shape[1] == b.shape[2], (h.shape, b.shape)
+    assert y.shape == (h.shape[0], b.shape[1]), (y.shape, h.shape, b.shape)
+    compute = torch.float64 if y.dtype == torch.float64 else torch.float32
+    index = token_slots.clamp(min=0).long()
+    live = rank_mask(ranks, token_slots, b.shape[2])
+    h = torch.where(live, h.to(compute), 0.0)  # never let unwritten columns leak
+    delta = torch.bmm(b[index].to(compute), h[:, :, None])[:, :, 0]  # [tokens, d_out]
+    delta = delta * scales[index].to(compute)[:, None]
+    return (y.to(compute) + delta).to(y.dtype)

@@ -1,0 +1,172 @@
+"""LoRA shrink: h = x · A[slot]ᵀ for every token, each token with its own adapter slot.
+
+Segmented (SGMV-style): a program takes one tile of up to BLOCK_M tokens of one slot, one
+BLOCK_R slice of that slot's rank and one slice of d_in (split-K), and writes fp32 partial
+sums. Rank slices past the slot's true rank exit at once, so only the real rank costs; tiles
+without a slot (padding programs, tokens without adapter) exit at once too. Decode batches
+(one token per sequence, many slots) use the same kernel with small tiles: the cost is
+reading A, which split-K spreads across the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from loraplane.runtime.kernels.segments import SegmentTiles
+
+BLOCK_R = 16  # tl.dot's smallest tile; a rank-8 adapter masks half of it (masked loads are free)
+BLOCK_K = 64
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr,
+    a_ptr,
+    out_ptr,
+    ranks_ptr,
+    sorted_ptr,
+    tile_slot_ptr,
+    tile_start_ptr,
+    tile_end_ptr,
+    d_in,
+    k_per_split,
+    stride_xm,
+    stride_xk,
+    stride_as,
+    stride_ar,
+    stride_ak,
+    stride_os,
+    stride_om,
+    stride_or,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    split = tl.program_id(2)
+    slot = tl.load(tile_slot_ptr + tile)
+    if slot < 0:
+        return
+    rank = tl.load(ranks_ptr + slot)
+    r0 = pid_r * BLOCK_R
+    if r0 >= rank:
+        return
+    start = tl.load(tile_start_ptr + tile)
+    end = tl.load(tile_end_ptr + tile)
+    rows = start + tl.arange(0, BLOCK_M)
+    m_mask = rows < end
+    tokens = tl.load(sorted_ptr + rows, mask=m_mask, other=0).to(tl.int64)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    a_base = a_ptr + slot.to(tl.int64) * stride_as
+    k_begin = split * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, d_in)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(k_begin, k_end, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_end
+        x = tl.load(
+            x_ptr + tokens[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_K]
+        a = tl.load(
+            a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            mask=r_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_R]
+        if IEEE:
+            acc += tl.dot(x, a, input_precision="ieee")
+        else:
+            acc += tl.dot(x, a)
+    out = out_ptr + split * stride_os + tokens[:, None] * stride_om + offs_r[None, :] * stride_or
+    tl.store(out, acc, mask=m_mask[:, None] & r_mask[None, :])
+
+
+def choose_split_k(tiles: SegmentTiles, d_in: int, r_max: int) -> int:
+    # Few tiles (decode) leave most SMs idle while each program streams A alone: split d_in.
+    programs = tiles.max_tiles * triton.cdiv(r_max, BLOCK_R)
+    if programs >= 512 or d_in < 1024:
+        return 1
+    return min(8, triton.cdiv(d_in, 512))
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    ranks: torch.Tensor,
+    tiles: SegmentTiles,
+    split_k: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Partial sums [split_k, tokens, r_max] fp32; defined only at [:, t, :rank] of tokens with a slot."""
+    # x: [tokens, d_in]  a: [slots, r_max, d_in]  ranks: [slots] int32
+    assert x.dim() == 2 and a.dim() == 3, (x.shape, a.shape)
+    num_tokens, d_in = x.shape
+    num_slots, r_max, a_d_in = a.shape
+    assert a_d_in == d_in, f"A has d_in {a_d_in}, x has {d_in}"
+    assert x.dtype == a.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32), (
+        x.dtype,
+        a.dtype,
+    )
+    assert x.device == a.device == ranks.device == tiles.tile_slot.device
+    assert ranks.shape == (num_slots,) and ranks.dtype == torch.int32, (ranks.shape, ranks.dtype)
+    assert tiles.num_tokens == num_tokens and tiles.num_slots == num_slots, (tiles, x.shape)
+    assert x.stride(1) == 1 and a.stride(2) == 1, "x and A need a contiguous last dim"
+    split_k = split_k or choose_split_k(tiles, d_in, r_max)
+    if out is None:
+        out = torch.empty(split_k, num_tokens, r_max, dtype=torch.float32, device=x.device)
+    assert out.shape == (split_k, num_tokens, r_max) and out.dtype == torch.float32, out.shape
+    if num_tokens == 0:
+        return out
+    k_per_split = triton.cdiv(triton.cdiv(d_in, split_k), BLOCK_K) * BLOCK_K
+    grid = (tiles.max_tiles, triton.cdiv(r_max, BLOCK_R), split_k)
+    _lora_shrink_kernel[grid](
+        x,
+        a,
+        out,
+        ranks,
+        tiles.sorted_tokens,
+        tiles.tile_slot,
+        tiles.tile_start,
+        tiles.tile_end,
+        d_in,
+        k_per_split,
+        x.stride(0),
+        x.stride(1),
+        a.stride(0),
+        a.stride(1),
+        a.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        BLOCK_M=tiles.block_m,
+        BLOCK_R=BLOCK_R,
+        BLOCK_K=BLOCK_K,
+        IEEE=x.dtype == torch.float32,
+    )
+    return out
+
+
+def rank_mask(ranks: torch.Tensor, token_slots: torch.Tensor, r_max: int) -> torch.Tensor:
+    # [tokens, r_max] bool: column j is live for a token when its slot exists and j < rank.
+    valid = token_slots >= 0
+    rank = torch.where(valid, ranks[token_slots.clamp(min=0).long()], 0)
+    return torch.arange(r_max, device=ranks.device)[None, :] < rank[:, None]
+
+
+def lora_shrink_ref(
+    x: torch.Tensor, a: torch.Tensor, ranks: torch.Tensor, token_slots: torch.Tensor
+) -> torch.Tensor:
+    """[tokens, r_max], fp32 (fp64 for fp64 inputs); zero past each rank and for tokens without slot."""
+    # x: [tokens, d_in]  a: [slots, r_max, d_in]  token_slots: [tokens] (-1 = none)
+    assert x.dim() == 2 and a.dim() == 3 and a.shape[2] == x.shape[1], (x.shape, a.shape)
+    assert token_slots.shape == (x.shape[0],), (token_slots.shape, x.shape)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gathered = a[token_slots.clamp(min=0).long()].to(compute)  # [tokens, r_max, d_in]
+    h = torch.bmm(gathered, x.to(compute)[:, :, None])[:, :, 0]  # [tokens, r_max]
+    return h * rank_mask(ranks, token_slots, a.shape[1])

@@ -1,0 +1,120 @@
+"""LoraLinear: a base nn.Linear plus this module's slice of every adapter slot."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from loraplane.runtime.kernels.lora_expand import lora_expand, lora_expand_ref
+from loraplane.runtime.kernels.lora_shrink import lora_shrink, lora_shrink_ref
+from loraplane.runtime.lora.weights import LoraModuleWeights
+
+if TYPE_CHECKING:
+    from loraplane.runtime.lora.slots import LoraSlots
+
+
+class LoraLinear(nn.Module):
+    lora_a: torch.Tensor  # [slots, r_max, d_in]
+    lora_b: torch.Tensor  # [slots, d_out, r_max]
+    ranks: torch.Tensor  # [slots] int32, 0 = this slot's adapter does not target this module
+    scales: torch.Tensor  # [slots] fp32
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        name: str,
+        slots: LoraSlots,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name  # path in the base model, e.g. "model.layers.0.self_attn.q_proj"
+        self._slots = slots  # shared owner of the step's metadata (plain attribute, not a child)
+        s, r, d_in, d_out = slots.max_slots, slots.max_rank, base.in_features, base.out_features
+        # Slot state is runtime data, not weights: kept out of state_dict.
+        a = torch.zeros(s, r, d_in, dtype=dtype, device=device)
+        b = torch.zeros(s, d_out, r, dtype=dtype, device=device)
+        self.register_buffer("lora_a", a, persistent=False)
+        self.register_buffer("lora_b", b, persistent=False)
+        self.register_buffer(
+            "ranks", torch.zeros(s, dtype=torch.int32, device=device), persistent=False
+        )
+        self.register_buffer(
+            "scales", torch.zeros(s, dtype=torch.float32, device=device), persistent=False
+        )
+
+    # The wrapped layer still looks like a Linear to code that inspects it.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def check(self, module: LoraModuleWeights) -> None:
+        d_out, d_in = self.out_features, self.in_features
+        if module.a.shape[1] != d_in or module.b.shape[0] != d_out:
+            raise ValueError(
+                f"{self.name}: adapter A {tuple(module.a.shape)} / B {tuple(module.b.shape)} "
+                f"do not fit the base layer (d_in={d_in}, d_out={d_out})"
+            )
+        if module.rank > self._slots.max_rank:
+            raise ValueError(
+                f"{self.name}: adapter rank {module.rank} exceeds max_rank {self._slots.max_rank}"
+            )
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, module: LoraModuleWeights | None) -> None:
+        self.clear_slot(slot)
+        if module is None:
+            return  # rank 0: the kernels skip this slot here
+        r = module.rank
+        self.lora_a[slot, :r].copy_(module.a)
+        self.lora_b[slot, :, :r].copy_(module.b)
+        self.ranks[slot] = r
+        self.scales[slot] = module.scaling
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.ranks[slot] = 0
+        self.scales[slot] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        batch = self._slots.batch
+        if batch is None or batch.token_slots is None:
+            return y
+        # x: [..., d_in] → [tokens, d_in]; y: [..., d_out] → [tokens, d_out]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] != batch.num_tokens:
+            raise ValueError(
+                f"{self.name}: got {x2.shape[0]} tokens but set_batch was given "
+                f"{batch.num_tokens}; call set_batch with one slot per token of this forward"
+            )
+        y2 = y.view(-1, self.out_features)
+        if batch.tiles is not None:
+            h = lora_shrink(x2.contiguous(), self.lora_a, self.ranks, batch.tiles)
+            lora_expand(y2, h, self.lora_b, self.ranks, self.scales, batch.tiles)
+        else:
+            ts = batch.token_slots
+            h = lora_shrink_ref(x2, self.lora_a, self.ranks, ts)
+            y2.copy_(lora_expand_ref(y2, h, self.lora_b, self.ranks, self.scales, ts))
+        return y
+
+    def extra_repr(self) -> str:
+        s = self._slots
+        return f"{self.name}, slots={s.max_slots}, max_rank={s.max_rank}"

@@ -1,0 +1,120 @@
+"""LoraSlots: owns the adapter slots of every wrapped layer and the current step's metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from loraplane.runtime.lora.batch import LoraBatch, make_batch
+from loraplane.runtime.lora.layer import LoraLinear
+from loraplane.runtime.lora.weights import AdapterWeights
+
+Backend = Literal["auto", "triton", "torch"]
+
+
+class LoraSlots:
+    def __init__(self, max_slots: int, max_rank: int, backend: Backend = "auto") -> None:
+        if max_slots < 1 or max_rank < 1:
+            raise ValueError(f"max_slots ({max_slots}) and max_rank ({max_rank}) must be >= 1")
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend {backend!r} is not one of auto, triton, torch")
+        self.max_slots = max_slots
+        self.max_rank = max_rank
+        self.backend = backend
+        self.layers: dict[str, LoraLinear] = {}  # path in the model → layer
+        self.other_linears: set[str] = set()  # base Linears left unwrapped, for error messages
+        self.batch: LoraBatch | None = None
+        self.device = torch.device("cpu")
+
+    @property
+    def module_names(self) -> set[str]:
+        return {path.rsplit(".", 1)[-1] for path in self.layers}
+
+    @property
+    def use_kernels(self) -> bool:
+        return self.backend == "triton" or (self.backend == "auto" and self.device.type == "cuda")
+
+    def add(self, layer: LoraLinear) -> None:
+        self.layers[layer.name] = layer
+        self.device = layer.lora_a.device
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot {slot} is outside [0, {self.max_slots})")
+
+    def load(self, slot: int, adapter: AdapterWeights) -> None:
+        self._check_slot(slot)
+        for path, module in adapter.modules.items():
+            layer = self.layers.get(path)
+            if layer is None:
+                short = path.rsplit(".", 1)[-1]
+                why = (
+                    f"it is a Linear of the base that was not wrapped (wrapped: {sorted(self.module_names)}); "
+                    f"add {short!r} to the runtime's target modules"
+                    if path in self.other_linears
+                    else "the base model has no such Linear module (wrong base model?)"
+                )
+                raise ValueError(f"adapter targets module {path!r}: {why}")
+            layer.check(module)
+        for path, layer in self.layers.items():
+            layer.load_slot(slot, adapter.modules.get(path))
+
+    def clear(self, slot: int) -> None:
+        self._check_slot(slot)
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
+
+    def set_batch(self, token_slots: torch.Tensor) -> None:
+        """token_slots: [tokens] int, -1 = base only, in the order the layers see the tokens.
+
+        A host tensor is range-checked and, when no token has an adapter, makes the layers
+        skip LoRA altogether; a device tensor is trusted and never synchronised, so the step
+        (this call included) can be captured in a CUDA graph.
+        """
+        self.batch = make_batch(token_slots, self.max_slots, self.device, self.use_kernels)
+
+    def clear_batch(self) -> None:
+        self.batch = None
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: Iterable[str],
+    max_slots: int,
+    max_rank: int,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    backend: Backend = "auto",
+) -> LoraSlots:
+    """Replace every nn.Linear whose short name is in target_modules with a LoraLinear, in place."""
+    targets = set(target_modules)
+    slots = LoraSlots(max_slots, max_rank, backend)
+    found: set[str] = set()
+    for path, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        short = path.rsplit(".", 1)[-1]
+        if short not in targets:
+            slots.other_linears.add(path)
+            continue
+        parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+        layer = LoraLinear(
+            module,
+            path,
+            slots,
+            dtype=dtype or module.weight.dtype,
+            device=torch.device(device) if device is not None else module.weight.device,
+        )
+        setattr(parent, short, layer)
+        slots.add(layer)
+        found.add(short)
+    missing = targets - found
+    if missing:
+        raise ValueError(
+            f"target modules {sorted(missing)} match no nn.Linear in the model "
+            f"(unwrapped Linears end in {sorted({p.rsplit('.', 1)[-1] for p in slots.other_linears})})"
+        )
+    return slots
