@@ -133,5 +133,7 @@ class RuntimeSpec(K8sModel):
         names = [e.name for e in self.env or ()]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"env: duplicate names {duplicates}; each name may appear once")
+            raise ValueError(
+                f"env: Duplicate value: {duplicates} appear more than once; each name may appear once"
+            )
         return self
