@@ -27,3 +27,63 @@ def arch_model_dir(tmp_path_factory: pytest.TempPathFactory):
         return out
 
     return build
+
+
+class RunningServer:
+    """A real uvicorn server on 127.0.0.1 in a background thread, with its Runtime."""
+
+    def __init__(self, config) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        from loraplane.runtime.runtime import Runtime
+        from loraplane.runtime.server import create_app
+
+        self.runtime = Runtime(config)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(self.runtime), log_level="warning", lifespan="on")
+        )
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def __enter__(self) -> RunningServer:
+        import time
+
+        import httpx
+
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"server at {self.url} not ready in 60 s: {self.runtime.preload_error}")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+def make_config(base: Path, tmp: Path, **overrides):
+    from loraplane.runtime.config import RuntimeConfig
+
+    defaults = dict(
+        model=str(base),
+        served_model_name="tiny",
+        max_adapters=4,
+        max_batch_tokens=1024,
+        cache_dir=tmp / "cache",
+        pvc_root=tmp / "pvc",
+    )
+    return RuntimeConfig(**(defaults | overrides))

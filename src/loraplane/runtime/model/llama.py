@@ -115,6 +115,7 @@ class CausalLM(nn.Module):
         # k_cache, v_cache: [layers, cache_slots, kv_heads, head_dim]
         assert k_cache.shape == v_cache.shape and k_cache.shape[0] == self.config.num_layers
         for i, layer in enumerate(self.model.layers):
+            assert isinstance(layer, DecoderLayer)
             layer.self_attn.k_cache = k_cache[i]
             layer.self_attn.v_cache = v_cache[i]
 

@@ -1,0 +1,155 @@
+"""The demo: one tiny base model, three LoRA adapters hot-loaded, one mixed batch, real HTTP.
+
+Builds a tiny random model and real PEFT adapters in a cache dir, starts loraplane-runtime as
+its own process on 127.0.0.1, loads the adapters over the admin API, sends one request per
+model (the base and each adapter) concurrently with the `openai` client, and prints what came
+back and the runtime's metrics. Non-interactive; --keep-serving leaves the server up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+BASE_NAME = "tiny-llama"
+PROMPT = "hello world, how are"
+METRIC_PREFIXES = (
+    "loraplane_requests_total",
+    "loraplane_generated_tokens_total",
+    "loraplane_adapters{",
+    "loraplane_batch_tokens_count",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the runtime exited with code {proc.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the runtime at {url} was not ready within {timeout_s:.0f} s")
+
+
+async def _ask_all(url: str, models: list[str]) -> list[tuple[str, str]]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="demo", max_retries=0)
+
+    async def one(model: str) -> tuple[str, str]:
+        done = await client.completions.create(
+            model=model, prompt=PROMPT, max_tokens=12, temperature=0
+        )
+        return model, done.choices[0].text
+
+    return await asyncio.gather(*(one(m) for m in models))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loraplane.demo", description=__doc__)
+    default_cache = Path(os.environ.get("LORAPLANE_CACHE", Path.home() / ".cache" / "loraplane"))
+    parser.add_argument("--cache-dir", type=Path, default=default_cache / "demo")
+    parser.add_argument("--port", type=int, default=0, help="default: a free port")
+    parser.add_argument("--keep-serving", action="store_true", help="leave the server running")
+    args = parser.parse_args(argv)
+
+    from loraplane.runtime.tiny import build_demo
+
+    print(f"building the tiny base model and adapters in {args.cache_dir} ...", flush=True)
+    base, adapters = build_demo(args.cache_dir / "models")
+    port = args.port or _free_port()
+    url = f"http://127.0.0.1:{port}"
+    token = secrets.token_hex(16)
+    env = os.environ | {"LORAPLANE_ADMIN_TOKEN": token}
+    cmd = [
+        sys.executable,
+        "-m",
+        "loraplane.runtime",
+        "--model",
+        str(base),
+        "--served-model-name",
+        BASE_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--max-adapters",
+        "4",
+        "--max-batch-tokens",
+        "2048",
+        "--cache-dir",
+        str(args.cache_dir / "runtime"),
+        "--log-level",
+        "warning",
+    ]
+    print(f"starting the runtime on {url}", flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        _wait_ready(url, proc)
+        headers = {"Authorization": f"Bearer {token}"}
+        for name, path in adapters.items():
+            r = httpx.put(
+                f"{url}/v1/adapters/{name}",
+                headers=headers,
+                timeout=60,
+                json={"source": f"file://{path}"},
+            )
+            r.raise_for_status()
+            info = r.json()
+            print(
+                f"loaded adapter {name}: rank {info['rank']}, targets "
+                f"{','.join(info['target_modules'])}, tier {info['tier']}, "
+                f"sha256 {info['sha256'][:12]}"
+            )
+        models = [BASE_NAME, *adapters]
+        print(f"\none concurrent batch, prompt {PROMPT!r}, greedy:")
+        for model, text in asyncio.run(_ask_all(url, models)):
+            print(f"  {model:>12}: {text!r}")
+        print("\nmetrics:")
+        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+            if line.startswith(METRIC_PREFIXES):
+                print(f"  {line}")
+        if args.keep_serving:
+            print(f"\nserving on {url} (admin token {token}); Ctrl-C to stop", flush=True)
+            proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print(
+        "\ndone: the runtime shut down cleanly"
+        if proc.returncode == 0
+        else f"\nthe runtime exited with code {proc.returncode}"
+    )
+    return 0 if proc.returncode == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

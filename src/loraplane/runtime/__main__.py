@@ -1,0 +1,158 @@
+"""loraplane-runtime: serve one base model and many LoRA adapters over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from loraplane.runtime.config import RuntimeConfig
+
+
+def parse_args(
+    argv: list[str] | None = None, environ: dict[str, str] | None = None
+) -> RuntimeConfig:
+    env = os.environ if environ is None else environ
+    d = RuntimeConfig(model="unset")
+    p = argparse.ArgumentParser(prog="loraplane-runtime", description=__doc__)
+    p.add_argument("--model", required=True, help="local directory or source URI of the base")
+    p.add_argument("--served-model-name", help="the model id clients send for the base")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", choices=("cpu", "cuda"))
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="default: bfloat16 on cuda, float32 on cpu",
+    )
+    p.add_argument("--max-adapters", type=int, default=d.max_adapters, help="GPU slots")
+    p.add_argument(
+        "--max-cpu-adapters",
+        type=int,
+        default=d.max_cpu_adapters,
+        help="host-memory copies beyond the GPU slots",
+    )
+    p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=d.max_batch_tokens,
+        help="tokens per forward pass, and the KV cache's capacity in tokens",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help="waiting requests before the server answers 429",
+    )
+    p.add_argument("--max-running", type=int, default=d.max_running)
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help="preload an adapter (repeatable)",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help="bearer token for /v1/adapters (or env LORAPLANE_ADMIN_TOKEN)",
+    )
+    p.add_argument(
+        "--cache-dir", type=Path, default=Path(env.get("LORAPLANE_CACHE_DIR", d.cache_dir))
+    )
+    p.add_argument(
+        "--pvc-root",
+        type=Path,
+        default=d.pvc_root,
+        help="where pvc://claim/path is mounted: PVC_ROOT/claim/path",
+    )
+    p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s)
+    p.add_argument("--log-level", default="info")
+    a = p.parse_args(argv)
+    adapters = {}
+    for item in a.adapter:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            p.error(f"--adapter {item!r} must be NAME=SOURCE")
+        adapters[name] = source
+    token = env.get("LORAPLANE_ADMIN_TOKEN")
+    if a.admin_token_file is not None:
+        token = a.admin_token_file.read_text().strip()
+    logging.basicConfig(
+        level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return RuntimeConfig(
+        model=a.model,
+        served_model_name=a.served_model_name,
+        host=a.host,
+        port=a.port,
+        device=a.device,
+        dtype=a.dtype or ("bfloat16" if a.device == "cuda" else "float32"),
+        max_adapters=a.max_adapters,
+        max_cpu_adapters=a.max_cpu_adapters,
+        max_lora_rank=a.max_lora_rank,
+        max_batch_tokens=a.max_batch_tokens,
+        max_queue=a.max_queue,
+        max_running=a.max_running,
+        adapters=adapters,
+        admin_token=token or None,
+        cache_dir=a.cache_dir,
+        pvc_root=a.pvc_root,
+        hf_token=env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN"),
+        shutdown_timeout_s=a.shutdown_timeout,
+    )
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def serve(config: RuntimeConfig) -> None:
+    import uvicorn
+
+    from loraplane.runtime.runtime import Runtime
+    from loraplane.runtime.server import create_app
+
+    runtime = Runtime(config)
+    app = create_app(runtime)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # Readiness fails at once, so load balancers stop sending before we close.
+            runtime.engine.begin_drain()
+            super().handle_exit(sig, frame)
+
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            timeout_graceful_shutdown=int(config.shutdown_timeout_s),
+        )
+    )
+    # uvicorn re-raises SIGTERM once it has drained; with this handler in place that re-raise
+    # lands here and the process exits 0, telling Kubernetes the shutdown was clean.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_args(argv)
+    except (ValueError, OSError) as e:
+        print(f"loraplane-runtime: {e}", file=sys.stderr)
+        return 2
+    serve(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Fetch an adapter (or a base model) from a source URI into a local directory.
+
+Schemes: a plain path or file:///abs, pvc://claim/path (under a mount root), hf://org/name[@rev]
+(huggingface_hub), s3://bucket/prefix (fsspec/s3fs), https:// (an archive or a directory URL
+holding the files). Remote copies land in the cache dir keyed by source and revision, written
+to a temporary directory first and renamed into place, so a crash never leaves half a copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from loraplane.runtime.adapters.errors import InvalidSource, SourceNotFound, SourceUnreachable
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MODEL_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model")
+ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
+SCHEMES = ("file", "pvc", "hf", "s3", "https", "http")
+
+
+@dataclass
+class Fetcher:
+    cache_dir: Path
+    pvc_root: Path
+    hf_token: str | None = None
+    # Injectable for tests: protocol -> fsspec filesystem; defaults to fsspec.filesystem.
+    filesystem: Callable[[str], Any] | None = None
+    http_timeout_s: float = 60.0
+
+    def fetch(
+        self,
+        source: str,
+        revision: str | None = None,
+        token: str | None = None,
+        model: bool = False,
+    ) -> Path:
+        scheme, rest = split_source(source)
+        if scheme == "file":
+            return self._local(Path(rest), source)
+        if scheme == "pvc":
+            return self._pvc(rest, source)
+        if scheme == "hf":
+            return self._hf(rest, revision, token or self.hf_token, model)
+        if scheme == "s3":
+            return self._cached(source, revision, lambda d: self._s3(rest, d, model))
+        return self._cached(source, revision, lambda d: self._https(source, d, token))
+
+    def _local(self, path: Path, source: str) -> Path:
+        if not path.is_absolute():
+            raise InvalidSource(f"source {source!r} must be an absolute path (file:///abs/path)")
+        if not path.is_dir():
+            raise SourceNotFound(f"source {source!r}: {path} is not a directory")
+        return path
+
+    def _pvc(self, rest: str, source: str) -> Path:
+        root = self.pvc_root.resolve()
+        path = (root / rest).resolve()
+        if not path.is_relative_to(root) or not rest.strip("/"):
+            raise InvalidSource(f"source {source!r} must name pvc://claim/path inside the claim")
+        return self._local(path, source)
+
+    def _cached(self, source: str, revision: str | None, fill: Callable[[Path], None]) -> Path:
+        key = hashlib.sha256(f"{source}@{revision or ''}".encode()).hexdigest()[:24]
+        final = self.cache_dir / "sources" / key
+        if final.is_dir():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".partial-"))
+        try:
+            fill(tmp)
+            tmp.rename(final)
+        except OSError:
+            if not final.is_dir():  # another fetch of the same source may have won the race
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    def _hf(self, rest: str, revision: str | None, token: str | None, model: bool) -> Path:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        repo_id, _, at = rest.partition("@")
+        if at and revision and at != revision:
+            raise InvalidSource(f"hf://{rest} names revision {at!r} but revision is {revision!r}")
+        if repo_id.count("/") > 1 or not repo_id.strip("/"):
+            raise InvalidSource(f"hf://{rest} must be hf://org/name[@revision]")
+        try:
+            path = snapshot_download(
+                repo_id=repo_id,
+                revision=at or revision or None,
+                cache_dir=str(self.cache_dir / "hf"),
+                token=token,
+                allow_patterns=list(MODEL_PATTERNS if model else ADAPTER_FILES),
+            )
+        except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
+            raise SourceNotFound(f"hf://{rest}: {e}") from e
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+            raise SourceUnreachable(f"hf://{rest} could not be downloaded: {e}") from e
+        return Path(path)
+
+    def _s3(self, rest: str, dest: Path, model: bool) -> None:
+        fs = self._filesystem("s3")
+        prefix = rest.rstrip("/")
+        try:
+            if model:
+                names = [Path(p).name for p in fs.ls(prefix, detail=False)]
+                wanted = [n for n in names if any(Path(n).match(p) for p in MODEL_PATTERNS)]
+            else:
+                wanted = list(ADAPTER_FILES)
+            for name in wanted:
+                fs.get(f"{prefix}/{name}", str(dest / name))
+        except FileNotFoundError as e:
+            raise SourceNotFound(f"s3://{rest}: {e} not found") from e
+        except PermissionError as e:
+            raise SourceUnreachable(f"s3://{rest}: access denied ({e}); check the secret") from e
+        except OSError as e:
+            raise SourceUnreachable(f"s3://{rest} could not be read: {e}") from e
+
+    def _filesystem(self, protocol: str) -> Any:
+        if self.filesystem is not None:
+            return self.filesystem(protocol)
+        import fsspec
+
+        return fsspec.filesystem(protocol)
+
+    def _https(self, url: str, dest: Path, token: str | None) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        path = urlparse(url).path
+        with httpx.Client(
+            timeout=self.http_timeout_s, follow_redirects=True, headers=headers
+        ) as client:
+            if path.endswith(ARCHIVES):
+                archive = dest / ("archive.zip" if path.endswith(".zip") else "archive.tar")
+                _download(client, url, archive)
+                _extract(archive, dest)
+                archive.unlink()
+            else:
+                for name in ADAPTER_FILES:
+                    _download(client, f"{url.rstrip('/')}/{name}", dest / name)
+
+
+def split_source(source: str) -> tuple[str, str]:
+    if source.startswith("/"):
+        return "file", source
+    scheme, sep, rest = source.partition("://")
+    if not sep or scheme not in SCHEMES:
+        raise InvalidSource(
+            f"source {source!r} has no supported scheme; use one of "
+            f"{', '.join(s + '://' for s in SCHEMES)} or an absolute path"
+        )
+    if scheme == "file":
+        return scheme, "/" + rest.lstrip("/") if rest.startswith("/") else rest
+    return scheme, rest
+
+
+def _download(client: Any, url: str, out: Path) -> None:
+    import httpx
+
+    try:
+        with client.stream("GET", url) as response:
+            if response.status_code == 404:
+                raise SourceNotFound(f"{url} answered 404")
+            if response.status_code in (401, 403):
+                raise SourceUnreachable(f"{url} answered {response.status_code}: check the token")
+            response.raise_for_status()
+            with out.open("wb") as f:
+                for chunk in response.iter_bytes(1 << 20):
+                    f.write(chunk)
+    except httpx.HTTPError as e:
+        raise SourceUnreachable(f"{url} could not be downloaded: {e}") from e
+
+
+def _extract(archive: Path, dest: Path) -> None:
+    """Unpack only the adapter files, wherever they sit, refusing links and path tricks."""
+    found: dict[str, bytes] = {}
+    try:
+        if archive.suffix == ".zip":
+            with zipfile.ZipFile(archive) as z:
+                for info in z.infolist():
+                    name = Path(info.filename).name
+                    if name in ADAPTER_FILES and not info.is_dir():
+                        found[name] = z.read(info)
+        else:
+            with tarfile.open(archive) as t:
+                for member in t.getmembers():
+                    name = Path(member.name).name
+                    if name in ADAPTER_FILES and member.isfile():
+                        f = t.extractfile(member)
+                        assert f is not None
+                        found[name] = f.read()
+    except (tarfile.TarError, zipfile.BadZipFile) as e:
+        raise SourceNotFound(f"{archive.name} is not a readable archive: {e}") from e
+    for name, data in found.items():
+        (dest / name).write_bytes(data)

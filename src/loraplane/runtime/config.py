@@ -1,0 +1,62 @@
+"""RuntimeConfig: every knob of one runtime process, built from the command line and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class RuntimeConfig:
+    model: str  # a local directory or a source URI (file://, pvc://, hf://, s3://)
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_adapters: int = 8  # GPU slots
+    max_cpu_adapters: int = 32  # host-memory copies beyond the slots
+    max_lora_rank: int = 64
+    max_batch_tokens: int = 8192  # tokens per forward, and the KV cache's capacity
+    max_queue: int = 256  # waiting requests before 429
+    max_running: int = 64  # sequences decoded together
+    block_size: int = 16
+    adapters: dict[str, str] = field(default_factory=dict)  # preloaded: name -> source
+    admin_token: str | None = None
+    cache_dir: Path = Path.home() / ".cache" / "loraplane" / "runtime"
+    pvc_root: Path = Path("/mnt/pvc")  # pvc://claim/path -> pvc_root/claim/path
+    hf_token: str | None = None
+    lora_target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    default_max_tokens: int = 256  # chat requests that give no max_tokens
+    shutdown_timeout_s: float = 30.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device {self.device!r} is not one of {DEVICES}")
+        if self.max_adapters < 1:
+            raise ValueError(f"--max-adapters must be at least 1, got {self.max_adapters}")
+        for name in ("max_cpu_adapters", "max_queue"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        if not 1 <= self.max_lora_rank <= 1024:
+            raise ValueError(f"--max-lora-rank must be in 1..1024, got {self.max_lora_rank}")
+        if self.max_batch_tokens < self.block_size:
+            raise ValueError(
+                f"--max-batch-tokens {self.max_batch_tokens} is below the block size "
+                f"{self.block_size}"
+            )
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port {self.port} is out of range")
+        self.cache_dir = Path(self.cache_dir)
+        self.pvc_root = Path(self.pvc_root)
+
+    @property
+    def kv_cache_blocks(self) -> int:
+        return self.max_batch_tokens // self.block_size

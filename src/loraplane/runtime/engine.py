@@ -1,0 +1,326 @@
+"""The engine: one thread owns the scheduler and the model runner and steps them.
+
+HTTP handlers call submit() from the event loop and read Outputs from an asyncio queue;
+the engine thread pushes to it with call_soon_threadsafe. Requests and aborts reach the thread
+through an inbox, so the scheduler's state is only ever touched by that thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from loraplane.runtime.adapters.manager import AdapterManager
+from loraplane.runtime.block_manager import BlockManager
+from loraplane.runtime.config import RuntimeConfig
+from loraplane.runtime.detokenizer import Detokenizer
+from loraplane.runtime.metrics import Metrics
+from loraplane.runtime.model_runner import ModelRunner
+from loraplane.runtime.sampling import SamplingParams
+from loraplane.runtime.scheduler import Scheduler, Step
+from loraplane.runtime.sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at --max-queue; the client should retry later (429)."""
+
+
+class ShuttingDown(Exception):
+    """The server is draining and takes no new requests (503)."""
+
+
+@dataclass
+class Output:
+    text: str  # new text since the previous Output
+    token_id: int | None
+    logprob: float = 0.0
+    finished: bool = False
+    finish_reason: str | None = None  # stop, length, abort, error
+    stop_hit: str | None = None
+    eos: bool = False  # finished because the model emitted end-of-sequence
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class RequestStream:
+    """What a handler holds: the sequence (for abort) and its queue of Outputs."""
+
+    def __init__(self, engine: Engine, seq: Sequence, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.seq = seq
+        self.loop = loop
+        self.queue: asyncio.Queue[Output] = asyncio.Queue()
+        self.done = False
+
+    def push(self, out: Output) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Output:
+        if self.done:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        self.done = out.finished
+        return out
+
+    def abort(self) -> None:
+        if not self.done:
+            self.engine.abort(self.seq)
+
+
+class Engine:
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        runner: ModelRunner,
+        tokenizer: Any,
+        adapters: AdapterManager,
+        metrics: Metrics,
+        base_name: str,
+    ) -> None:
+        self.config = config
+        self.runner = runner
+        self.adapters = adapters
+        self.metrics = metrics
+        self.base_name = base_name
+        self.detok = Detokenizer(tokenizer)
+        eos = set(runner.model.config.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_ids = eos
+        self.max_seq_len = min(config.max_batch_tokens, runner.model.config.max_position_embeddings)
+        self.blocks = BlockManager(config.kv_cache_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            self.blocks, adapters, config.max_batch_tokens, config.max_running
+        )
+        self.streams: dict[int, RequestStream] = {}
+        self.inbox: deque[tuple[str, Sequence]] = deque()
+        self.wake = threading.Condition()
+        self.lock = threading.Lock()  # guards the counters below and the draining flag
+        self.queued = 0
+        self.in_flight = 0
+        self.draining = False
+        self.stopped = False
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.steps = 0
+        # Most distinct adapters (base included) that shared one forward pass: proof of mixing.
+        self.peak_adapters_per_step = 0
+
+    # -- called from the event loop -----------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None
+    ) -> RequestStream:
+        """Queue a request; raises ValueError (400), AdapterNotFound (404), QueueFull, ShuttingDown."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) is "
+                f"{len(prompt_ids) + params.max_tokens}, above this server's limit of "
+                f"{self.max_seq_len} tokens per sequence; shorten the prompt or max_tokens"
+            )
+        with self.lock:
+            if self.draining:
+                raise ShuttingDown("the server is shutting down")
+            if self.queued >= self.config.max_queue:
+                self.metrics.requests.labels(
+                    adapter=adapter or self.base_name, status="rejected"
+                ).inc()
+                raise QueueFull(
+                    f"{self.queued} requests are waiting (--max-queue {self.config.max_queue}); "
+                    "retry later"
+                )
+            entry = self.adapters.acquire(adapter) if adapter else None
+            self.queued += 1
+            self.in_flight += 1
+        seq = Sequence(list(prompt_ids), params, entry, arrival=time.monotonic())
+        stream = RequestStream(self, seq, asyncio.get_running_loop())
+        self.streams[seq.seq_id] = stream
+        self._gauges()
+        self._post("add", seq)
+        return stream
+
+    def abort(self, seq: Sequence) -> None:
+        self._post("abort", seq)
+
+    def _post(self, verb: str, seq: Sequence) -> None:
+        with self.wake:
+            self.inbox.append((verb, seq))
+            self.wake.notify()
+
+    def notify(self) -> None:
+        with self.wake:
+            self.wake.notify()
+
+    def begin_drain(self) -> None:
+        with self.lock:
+            self.draining = True
+
+    def idle(self) -> bool:
+        with self.lock:
+            return self.in_flight == 0
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopped = True
+            self.wake.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+
+    def _gauges(self) -> None:
+        self.metrics.queue_depth.set(self.queued)
+        self.metrics.in_flight.set(self.in_flight)
+
+    # -- the engine thread --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                if not self.inbox and not self.scheduler.has_work() and not self.stopped:
+                    self.wake.wait(timeout=0.5)
+                if self.stopped:
+                    break
+                inbox = list(self.inbox)
+                self.inbox.clear()
+            try:
+                self._iterate(inbox)
+            except Exception:
+                log.exception("engine step failed; failing the requests of this step")
+                self._fail_running("internal error in the engine step")
+        for seq in list(self.scheduler.running) + [
+            s for q in self.scheduler.waiting.values() for s in q
+        ]:
+            self._finish(seq, "abort")
+
+    def _iterate(self, inbox: list[tuple[str, Sequence]]) -> None:
+        for verb, seq in inbox:
+            if verb == "add":
+                self.scheduler.add(seq)
+            elif not seq.finished:
+                self._finish(seq, "abort")
+        for slot in self.adapters.reap():
+            self.runner.clear_adapter(slot)
+        self._place_idle()
+        if not self.scheduler.has_work():
+            return
+        step = self.scheduler.schedule()
+        for seq in step.failed:
+            self._finish(seq, "error", error=f"adapter {seq.adapter_key!r}: {seq.adapter.error}")
+        if not step.seqs:
+            with self.wake:  # every waiting adapter is being read back: wait for it
+                self.wake.wait(timeout=0.05)
+            return
+        self._run(step)
+
+    def _place_idle(self) -> None:
+        """Put freshly registered adapters into free slots (pinned ones may evict)."""
+        busy = {s.adapter.uid for s in self.scheduler.running if s.adapter is not None}
+        for entry in self.adapters.unplaced():
+            if not entry.pinned and self.adapters.slots.free_count() == 0:
+                break
+            slot = self.adapters.place(entry, busy)
+            if slot is not None and entry.weights is not None:
+                self.runner.load_adapter(slot, entry.weights)
+
+    def _run(self, step: Step) -> None:
+        for slot, entry in step.loads:
+            assert entry.weights is not None
+            self.runner.load_adapter(slot, entry.weights)
+        started = [s for s in step.seqs if not s.started]
+        for seq in started:
+            seq.started = True
+            self.metrics.prompt.labels(adapter=self._label(seq)).inc(len(seq.prompt_ids))
+        with self.lock:
+            self.queued -= len(started)
+        self.metrics.batch_tokens.observe(sum(len(s) - s.num_cached for s in step.seqs))
+        tokens, logprobs = self.runner.run(step.seqs, step.slots)
+        self.peak_adapters_per_step = max(self.peak_adapters_per_step, len(set(step.slots)))
+        self.steps += 1
+        now = time.monotonic()
+        for seq, token, logprob in zip(step.seqs, tokens, logprobs, strict=True):
+            self._advance(seq, token, logprob, now)
+        self._gauges()
+
+    def _advance(self, seq: Sequence, token: int, logprob: float, now: float) -> None:
+        label = self._label(seq)
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.metrics.ttft.labels(adapter=label).observe(now - seq.arrival)
+        elif seq.last_token_at is not None:
+            self.metrics.tpot.labels(adapter=label).observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        self.metrics.generated.labels(adapter=label).inc()
+        is_eos = token in self.eos_ids and not seq.params.ignore_eos
+        if not is_eos:
+            seq.output_ids.append(token)
+        reason = None
+        if is_eos:
+            reason = "stop"
+        elif len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.max_seq_len:
+            reason = "length"
+        # On the last token, flush text held back for an incomplete character.
+        delta = self.detok.update(seq, final=reason is not None)
+        if seq.stop_hit is not None:
+            reason = "stop"
+        stream = self.streams.get(seq.seq_id)
+        if stream is not None and (delta or not is_eos):
+            token_id = None if is_eos else token
+            stream.push(Output(delta, token_id, logprob, completion_tokens=len(seq.output_ids)))
+        if reason is not None:
+            self._finish(seq, reason, eos=is_eos)
+
+    def _finish(
+        self, seq: Sequence, reason: str, error: str | None = None, eos: bool = False
+    ) -> None:
+        if seq.finished:
+            return
+        was_queued = not seq.started
+        self.scheduler.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.runner.sampler.forget(seq.seq_id)
+        if seq.adapter is not None:
+            self.adapters.release(seq.adapter)
+        with self.lock:
+            self.in_flight -= 1
+            if was_queued:
+                self.queued -= 1
+        status = {"stop": "success", "length": "success"}.get(reason, reason)
+        self.metrics.requests.labels(adapter=self._label(seq), status=status).inc()
+        stream = self.streams.pop(seq.seq_id, None)
+        if stream is not None:
+            stream.push(
+                Output(
+                    "",
+                    None,
+                    finished=True,
+                    finish_reason=reason,
+                    stop_hit=seq.stop_hit,
+                    eos=eos,
+                    prompt_tokens=len(seq.prompt_ids),
+                    completion_tokens=len(seq.output_ids),
+                    error=error,
+                )
+            )
+        self._gauges()
+
+    def _fail_running(self, error: str) -> None:
+        for seq in list(self.scheduler.running):
+            self._finish(seq, "error", error=error)
+
+    def _label(self, seq: Sequence) -> str:
+        return seq.adapter.name if seq.adapter is not None else self.base_name

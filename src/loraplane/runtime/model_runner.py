@@ -1,0 +1,90 @@
+"""The only code that touches the device: model weights, KV cache, LoRA slots, the forward pass."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from loraplane.runtime.config import RuntimeConfig
+from loraplane.runtime.lora import AdapterWeights, LoraSlots, inject_lora
+from loraplane.runtime.model import AttentionContext, CausalLM, load_model
+from loraplane.runtime.model.loader import DTYPES
+from loraplane.runtime.sampler import Sampler
+from loraplane.runtime.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: RuntimeConfig, model_dir: Path) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model: CausalLM = load_model(model_dir, config.dtype, config.device)
+        mc = self.model.config
+        targets = [t for t in config.lora_target_modules if self._has_linear(t)]
+        self.lora: LoraSlots = inject_lora(
+            self.model,
+            targets,
+            config.max_adapters,
+            config.max_lora_rank,
+            dtype=DTYPES[config.dtype],
+            device=self.device,
+        )
+        slots = config.kv_cache_blocks * config.block_size
+        shape = (mc.num_layers, slots, mc.num_kv_heads, mc.head_dim)
+        dtype = DTYPES[config.dtype]
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.model.attach_kv_cache(self.k_cache, self.v_cache)
+        self.sampler = Sampler(config.seed)
+
+    def _has_linear(self, short: str) -> bool:
+        return any(
+            name.rsplit(".", 1)[-1] == short and isinstance(m, torch.nn.Linear)
+            for name, m in self.model.named_modules()
+        )
+
+    @property
+    def lora_modules(self) -> set[str]:
+        return set(self.lora.layers)
+
+    @property
+    def linear_modules(self) -> set[str]:
+        return set(self.lora.layers) | set(self.lora.other_linears)
+
+    def load_adapter(self, slot: int, weights: AdapterWeights) -> None:
+        self.lora.load(slot, weights)
+
+    def clear_adapter(self, slot: int) -> None:
+        self.lora.clear(slot)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], slots: list[int]) -> tuple[list[int], list[float]]:
+        """One forward over every sequence's uncached tokens; next token and logprob of each."""
+        ids: list[int] = []
+        token_slots: list[int] = []
+        qlens, clens = [], []
+        for seq, slot in zip(seqs, slots, strict=True):
+            new = seq.tokens[seq.num_cached :]
+            ids += new
+            token_slots += [slot] * len(new)
+            qlens.append(len(new))
+            clens.append(len(seq))
+        ctx = AttentionContext.build(
+            qlens,
+            clens,
+            [s.block_table for s in seqs],
+            self.config.block_size,
+            self.model.config.sliding_window,
+            self.device,
+        )
+        self.lora.set_batch(torch.tensor(token_slots, dtype=torch.long))
+        try:
+            logits = self.model(torch.tensor(ids, device=self.device), ctx)
+        finally:
+            self.lora.clear_batch()
+        for seq in seqs:
+            seq.num_cached = len(seq)
+        return self.sampler(logits, [s.seq_id for s in seqs], [s.params for s in seqs])

@@ -1,0 +1,52 @@
+"""A Sequence is plain state: its tokens, its blocks, its adapter, what it has emitted."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from loraplane.runtime.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: Any = None  # an AdapterEntry, or None for the base model
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose k/v are in the cache
+    started: bool = False  # has been in a forward pass (left the waiting queue once)
+    text: str = ""  # detokenized output, stop strings cut off
+    finish_reason: str | None = None  # "stop" (eos or stop string) or "length" or "abort"
+    stop_hit: str | None = None
+    arrival: float = 0.0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def adapter_key(self) -> str:
+        return self.adapter.name if self.adapter is not None else ""
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,75 @@
+"""Admin routes the operator drives: list, load (idempotent PUT) and unload adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraplane.runtime.runtime import Runtime
+from loraplane.runtime.server.errors import APIError
+
+
+def require_admin(request: Request) -> None:
+    token = request.app.state.runtime.config.admin_token
+    if token is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, value = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
+        raise APIError(
+            401,
+            "admin routes need 'Authorization: Bearer <token>'",
+            "authentication_error",
+            "unauthorized",
+        )
+
+
+router = APIRouter(prefix="/v1/adapters", dependencies=[Depends(require_admin)])
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(min_length=1, max_length=2048)
+    revision: str | None = Field(default=None, max_length=256)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    pinned: bool = False
+    token: str | None = Field(default=None, repr=False)  # for a private source; never echoed
+
+
+@router.get("")
+async def list_adapters(request: Request):
+    runtime: Runtime = request.app.state.runtime
+    return {"adapters": [runtime.adapters.describe(e) for e in runtime.adapters.registered()]}
+
+
+@router.get("/{name}")
+async def get_adapter(name: str, request: Request):
+    runtime: Runtime = request.app.state.runtime
+    return runtime.adapters.describe(runtime.adapters.get(name))
+
+
+@router.put("/{name}")
+async def load_adapter(name: str, body: LoadRequest, request: Request, response: Response):
+    runtime: Runtime = request.app.state.runtime
+    entry, created = await asyncio.to_thread(
+        runtime.load_adapter,
+        name,
+        body.source,
+        revision=body.revision,
+        sha256=body.sha256,
+        pinned=body.pinned,
+        token=body.token,
+    )
+    response.status_code = 201 if created else 200
+    return runtime.adapters.describe(entry)
+
+
+@router.delete("/{name}")
+async def unload_adapter(name: str, request: Request):
+    runtime: Runtime = request.app.state.runtime
+    entry = runtime.adapters.unregister(name)
+    return {"name": name, "state": "unloading" if entry.refs else "unloaded"}

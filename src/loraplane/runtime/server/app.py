@@ -1,0 +1,66 @@
+"""create_app: the FastAPI application around a Runtime, with health, readiness and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from loraplane.runtime.runtime import Runtime
+from loraplane.runtime.server import admin_routes, errors, openai_routes, tgi_routes
+
+log = logging.getLogger(__name__)
+
+
+async def drain(runtime: Runtime, deadline_s: float) -> None:
+    """Stop taking requests, then give running ones until the deadline to finish."""
+    runtime.engine.begin_drain()
+    end = time.monotonic() + deadline_s
+    while not runtime.engine.idle() and time.monotonic() < end:
+        await asyncio.sleep(0.05)
+    if not runtime.engine.idle():
+        log.warning("shutdown deadline passed with requests still running; aborting them")
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime.engine.start()
+        preload = asyncio.create_task(asyncio.to_thread(runtime.start_adapters))
+        try:
+            yield
+        finally:
+            preload.cancel()
+            await drain(runtime, runtime.config.shutdown_timeout_s)
+            runtime.stop()
+
+    app = FastAPI(title="loraplane runtime", lifespan=lifespan)
+    app.state.runtime = runtime
+    errors.install(app)
+    app.include_router(openai_routes.router)
+    app.include_router(tgi_routes.router)
+    app.include_router(admin_routes.router)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if runtime.ready and not runtime.engine.draining:
+            return {"status": "ready"}
+        reason = "draining" if runtime.engine.draining else (runtime.preload_error or "loading")
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        return Response(
+            runtime.metrics.render(runtime.adapters.tiers()), media_type=CONTENT_TYPE_LATEST
+        )
+
+    return app

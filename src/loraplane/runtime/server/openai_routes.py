@@ -1,0 +1,310 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraplane.runtime.runtime import Runtime
+from loraplane.runtime.sampling import SamplingParams
+from loraplane.runtime.server.errors import APIError
+from loraplane.runtime.server.generation import (
+    Result,
+    absorb,
+    collect,
+    resolve_adapter,
+    submit,
+    tokenize,
+)
+
+router = APIRouter()
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)  # not OpenAI's; vLLM and others accept it
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False
+
+    def params(self, default_max: int) -> SamplingParams:
+        if self.n != 1:
+            raise APIError(400, f"n={self.n} is not supported; send n=1", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} is not supported; leave it at 0", param=name)
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        try:
+            return SamplingParams(
+                max_tokens=self.max_tokens or default_max,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                seed=self.seed,
+                stop=tuple(stop),
+                ignore_eos=self.ignore_eos,
+            )
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    tools: list[dict[str, Any]] | None = None
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def _usage(r: Result) -> dict[str, int]:
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.prompt_tokens + r.completion_tokens,
+    }
+
+
+def _finish(reason: str | None) -> str | None:
+    return "length" if reason == "length" else ("stop" if reason else None)
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    runtime = _runtime(request)
+    adapter = resolve_adapter(runtime, body.model)
+    for name in ("echo", "suffix"):
+        if getattr(body, name):
+            raise APIError(400, f"{name} is not supported", param=name)
+    if body.logprobs or (body.best_of or 1) > 1:
+        raise APIError(400, "logprobs and best_of are not supported", param="logprobs")
+    prompts: list[str | list[int]]
+    if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int)):
+        prompts = [body.prompt]
+    else:
+        prompts = list(body.prompt)  # type: ignore[arg-type]
+    if not prompts:
+        raise APIError(400, "prompt is empty", param="prompt")
+    params = body.params(16)  # OpenAI's documented default for completions
+    ids = [tokenize(runtime, p) for p in prompts]
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        if len(ids) != 1:
+            raise APIError(400, "streaming takes a single prompt", param="prompt")
+        stream = submit(runtime, ids[0], params, adapter)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(text: str, reason: str | None) -> dict:
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": body.model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+            }
+
+        return _stream_response(
+            stream, chunk, include_usage, rid, created, body.model, "text_completion"
+        )
+    streams = [submit(runtime, i, params, adapter) for i in ids]
+    results = [await collect(s) for s in streams]
+    usage = {k: sum(_usage(r)[k] for r in results) for k in _usage(results[0])}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {
+                "index": i,
+                "text": r.text,
+                "logprobs": None,
+                "finish_reason": _finish(r.finish_reason),
+            }
+            for i, r in enumerate(results)
+        ],
+        "usage": usage,
+    }
+
+
+def _chat_prompt(runtime: Runtime, body: ChatRequest) -> list[int]:
+    if body.tools:
+        raise APIError(400, "tools are not supported", param="tools")
+    messages = []
+    for m in body.messages:
+        content = m.content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") != "text":
+                    raise APIError(
+                        400,
+                        f"content part type {part.get('type')!r} is not supported; only text",
+                        param="messages",
+                    )
+                parts.append(str(part.get("text", "")))
+            content = "".join(parts)
+        messages.append({"role": m.role, "content": content or ""})
+    tok = runtime.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise APIError(400, "the base model has no chat template; use /v1/completions")
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tok.encode(text, add_special_tokens=False)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request):
+    runtime = _runtime(request)
+    adapter = resolve_adapter(runtime, body.model)
+    if body.logprobs:
+        raise APIError(400, "logprobs are not supported", param="logprobs")
+    ids = _chat_prompt(runtime, body)
+    if body.max_completion_tokens and not body.max_tokens:
+        body.max_tokens = body.max_completion_tokens
+    room = runtime.engine.max_seq_len - len(ids)
+    params = body.params(max(1, min(runtime.config.default_max_tokens, room)))
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    stream = submit(runtime, ids, params, adapter)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        first = [True]
+
+        def chunk(text: str, reason: str | None) -> dict:
+            delta: dict[str, str] = {"content": text} if text or reason is None else {}
+            if first[0]:
+                delta = {"role": "assistant", "content": text}
+                first[0] = False
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                ],
+            }
+
+        return _stream_response(
+            stream, chunk, include_usage, rid, created, body.model, "chat.completion.chunk"
+        )
+    r = await collect(stream)
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": None,
+                "finish_reason": _finish(r.finish_reason),
+            }
+        ],
+        "usage": _usage(r),
+    }
+
+
+def _stream_response(stream, chunk, include_usage, rid, created, model, obj) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        result = Result()
+        try:
+            async for out in stream:
+                try:
+                    absorb(result, out)
+                except APIError as e:
+                    yield _sse({"error": {"message": e.message, "type": e.kind}})
+                    return
+                if out.finished:
+                    yield _sse(chunk("", _finish(out.finish_reason)))
+                elif out.text:
+                    yield _sse(chunk(out.text, None))
+            if include_usage:
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": obj,
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "usage": _usage(result),
+                    }
+                )
+            yield "data: [DONE]\n\n"
+        finally:
+            stream.abort()  # a client that went away must not keep its sequence running
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    runtime = _runtime(request)
+    created = int(runtime.started_at)
+    data = [
+        {
+            "id": runtime.base_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "loraplane",
+            "root": runtime.config.model,
+            "parent": None,
+        }
+    ]
+    for entry in runtime.adapters.registered():
+        data.append(
+            {
+                "id": entry.name,
+                "object": "model",
+                "created": int(entry.loaded_at),
+                "owned_by": "loraplane",
+                "root": entry.source,
+                "parent": runtime.base_name,
+            }
+        )
+    return {"object": "list", "data": data}

@@ -1,0 +1,184 @@
+"""TGI/LoRAX-compatible routes: POST /, /generate, /generate_stream; parameters.adapter_id."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from loraplane.runtime.runtime import Runtime
+from loraplane.runtime.sampling import SamplingParams
+from loraplane.runtime.server.errors import APIError
+from loraplane.runtime.server.generation import Result, absorb, collect, resolve_adapter, submit
+
+router = APIRouter()
+
+
+class Parameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    adapter_id: str | None = None
+    adapter_source: str | None = None  # LoRAX's; adapters here come only from the admin API
+    best_of: int | None = None
+    decoder_input_details: bool = False
+    details: bool = False
+    do_sample: bool = False
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    return_full_text: bool | None = False
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    temperature: float | None = Field(default=None, ge=0.0)
+    top_k: int | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    typical_p: float | None = None
+    truncate: int | None = None
+    watermark: bool = False
+    top_n_tokens: int | None = None
+    grammar: Any = None
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: str
+    parameters: Parameters = Field(default_factory=Parameters)
+    stream: bool = False
+
+
+def _params(p: Parameters) -> SamplingParams:
+    for name, neutral in (
+        ("repetition_penalty", 1.0),
+        ("frequency_penalty", 0.0),
+        ("typical_p", 1.0),
+    ):
+        value = getattr(p, name)
+        if value is not None and value != neutral:
+            raise APIError(422, f"{name} is not supported", code="validation")
+    if p.watermark or p.grammar or p.top_n_tokens or (p.best_of or 1) > 1 or p.truncate:
+        raise APIError(
+            422,
+            "watermark, grammar, top_n_tokens, best_of and truncate are not supported",
+            code="validation",
+        )
+    # TGI samples when asked to, or when any sampling knob is set.
+    sample = p.do_sample or p.temperature is not None or p.top_k or p.top_p is not None
+    try:
+        return SamplingParams(
+            max_tokens=p.max_new_tokens or 100,
+            temperature=(p.temperature if p.temperature is not None else 1.0) if sample else 0.0,
+            top_p=p.top_p or 1.0,
+            top_k=p.top_k or 0,
+            seed=p.seed,
+            stop=tuple(p.stop),
+        )
+    except ValueError as e:
+        raise APIError(422, str(e), code="validation") from e
+
+
+def _finish(r: Result) -> str:
+    if r.eos:
+        return "eos_token"
+    return "stop_sequence" if r.stop_hit else "length"
+
+
+def _details(r: Result, seed: int | None, runtime: Runtime, with_tokens: bool) -> dict:
+    details: dict[str, Any] = {
+        "finish_reason": _finish(r),
+        "generated_tokens": r.completion_tokens,
+        "seed": seed,
+        "input_length": r.prompt_tokens,
+    }
+    if with_tokens:
+        details["prefill"] = []
+        details["tokens"] = [_token(t, runtime) for t in r.tokens]
+    return details
+
+
+def _token(t: tuple[int, str, float], runtime: Runtime) -> dict:
+    token_id, text, logprob = t
+    special = token_id in runtime.tokenizer.all_special_ids
+    return {"id": token_id, "text": text, "logprob": logprob, "special": special}
+
+
+def _start(request: Request, body: GenerateRequest):
+    runtime: Runtime = request.app.state.runtime
+    adapter = resolve_adapter(runtime, body.parameters.adapter_id)
+    params = _params(body.parameters)
+    ids = runtime.tokenizer.encode(body.inputs, add_special_tokens=False)
+    return runtime, submit(runtime, ids, params, adapter)
+
+
+async def _generate(request: Request, body: GenerateRequest) -> dict:
+    runtime, stream = _start(request, body)
+    r = await collect(stream)
+    text = (body.inputs + r.text) if body.parameters.return_full_text else r.text
+    out: dict[str, Any] = {"generated_text": text}
+    if body.parameters.details:
+        out["details"] = _details(r, body.parameters.seed, runtime, True)
+    return out
+
+
+def _generate_stream(request: Request, body: GenerateRequest) -> StreamingResponse:
+    runtime, stream = _start(request, body)
+
+    async def events() -> AsyncIterator[str]:
+        result = Result()
+        index = 0
+        try:
+            async for out in stream:
+                try:
+                    absorb(result, out)
+                except APIError as e:
+                    yield f"data:{json.dumps({'error': e.message, 'error_type': 'generation'})}\n\n"
+                    return
+                if out.token_id is None and not out.finished:
+                    continue
+                index += 1
+                if out.finished:
+                    last = result.tokens[-1] if result.tokens else (0, "", 0.0)
+                    text = result.text
+                    if body.parameters.return_full_text:
+                        text = body.inputs + text
+                    event = {
+                        "index": index,
+                        "token": _token((last[0], "", last[2]), runtime),
+                        "generated_text": text,
+                        "top_tokens": None,
+                        "details": _details(result, body.parameters.seed, runtime, False),
+                    }
+                else:
+                    event = {
+                        "index": index,
+                        "token": _token(result.tokens[-1], runtime),
+                        "generated_text": None,
+                        "top_tokens": None,
+                        "details": None,
+                    }
+                yield f"data:{json.dumps(event)}\n\n"
+        finally:
+            stream.abort()
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, request: Request):
+    return await _generate(request, body)
+
+
+@router.post("/generate_stream")
+async def generate_stream(body: GenerateRequest, request: Request):
+    return _generate_stream(request, body)
+
+
+@router.post("/")
+async def compat(body: GenerateRequest, request: Request):
+    if body.stream:
+        return _generate_stream(request, body)
+    return JSONResponse([await _generate(request, body)])
