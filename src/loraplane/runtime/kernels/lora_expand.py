@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplane.runtime.kernels.lora_shrink import rank_mask
+from loraplane.runtime.kernels.lora_shrink import exact_dot, rank_mask
 from loraplane.runtime.kernels.segments import SegmentTiles
 
 BLOCK_R = 16
@@ -75,10 +75,11 @@ def _lora_expand_kernel(
             mask=n_mask[None, :] & r_mask[:, None],
             other=0.0,
         )  # [BLOCK_R, BLOCK_N]
+        h = h.to(b.dtype)  # rounded as a layer of this dtype would round it
         if IEEE:
-            acc += tl.dot(h, b, input_precision="ieee")
+            acc += tl.dot(h.to(tl.float32), b.to(tl.float32), input_precision="ieee")
         else:
-            acc += tl.dot(h.to(b.dtype), b)
+            acc += tl.dot(h, b)
     y_tile = y_ptr + tokens[:, None] * stride_ym + offs_n[None, :] * stride_yn
     ym = m_mask[:, None] & n_mask[None, :]
     y = tl.load(y_tile, mask=ym, other=0.0).to(tl.float32)
@@ -135,7 +136,7 @@ def lora_expand(
         BLOCK_M=tiles.block_m,
         BLOCK_N=BLOCK_N,
         BLOCK_R=BLOCK_R,
-        IEEE=b.dtype == torch.float32,
+        IEEE=exact_dot(b),
     )
     return y
 

@@ -80,11 +80,17 @@ def _lora_shrink_kernel(
             other=0.0,
         )  # [BLOCK_K, BLOCK_R]
         if IEEE:
-            acc += tl.dot(x, a, input_precision="ieee")
+            acc += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(x, a)
     out = out_ptr + split * stride_os + tokens[:, None] * stride_om + offs_r[None, :] * stride_or
     tl.store(out, acc, mask=m_mask[:, None] & r_mask[None, :])
+
+
+def exact_dot(x: torch.Tensor) -> bool:
+    # fp32 inputs must not drop to tf32. CPU tensors only reach a kernel under the Triton
+    # interpreter, whose tl.dot mishandles bf16: it gets the same products in fp32 there.
+    return x.dtype == torch.float32 or x.device.type == "cpu"
 
 
 def choose_split_k(tiles: SegmentTiles, d_in: int, r_max: int) -> int:
@@ -147,7 +153,7 @@ def lora_shrink(
         BLOCK_M=tiles.block_m,
         BLOCK_R=BLOCK_R,
         BLOCK_K=BLOCK_K,
-        IEEE=x.dtype == torch.float32,
+        IEEE=exact_dot(x),
     )
     return out
 
