@@ -180,7 +180,8 @@ class BaseModelDeploymentStatus(K8sModel):
 
 
 class BaseModelDeployment(K8sModel):
-    """One base model served by a fleet of runtime replicas that hold many LoRA adapters."""
+    """One base model served by a fleet of runtime replicas that hold many LoRA adapters,
+    scaled as one on the request rate of all its adapters."""
 
     api_version: Literal["loraplane.io/v1alpha1"] = "loraplane.io/v1alpha1"
     kind: Literal["BaseModelDeployment"] = "BaseModelDeployment"

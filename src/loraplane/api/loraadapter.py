@@ -136,7 +136,8 @@ def loaded_summary(loaded: int, total: int) -> str:
 
 
 class LoraAdapter(K8sModel):
-    """A LoRA adapter that every replica of its BaseModelDeployment serves, hot-loaded."""
+    """A LoRA adapter that every replica of its BaseModelDeployment serves, hot-loaded without
+    restarts."""
 
     api_version: Literal["loraplane.io/v1alpha1"] = "loraplane.io/v1alpha1"
     kind: Literal["LoraAdapter"] = "LoraAdapter"
