@@ -129,3 +129,13 @@ def test_printer_columns_read_existing_fields_of_their_type(crds, kind):
         if column["jsonPath"].startswith(".metadata."):
             continue
         assert field_at(root, column["jsonPath"])["type"] == column["type"], column
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_conventions_enums_camel_case_durations_in_seconds(crds, kind):
+    for path, node in spec_and_status(crds, kind):
+        for value in node.get("enum", []):
+            assert re.fullmatch(r"[A-Z][A-Za-z0-9]*", value), f"{path}: {value!r}"
+        name = path.rsplit(".", 1)[-1]
+        if re.search(r"(Window|Stabilization|Idle|Timeout|Delay|Period)", name):
+            assert name.endswith("Seconds") and node["type"] == "integer", path
