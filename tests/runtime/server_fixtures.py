@@ -87,3 +87,25 @@ def make_config(base: Path, tmp: Path, **overrides):
         pvc_root=tmp / "pvc",
     )
     return RuntimeConfig(**(defaults | overrides))
+
+
+def copy_adapter(src: Path, dst: Path, **config_changes) -> Path:
+    """A copy of a PEFT adapter dir with adapter_config.json fields changed."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = dst / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(config_changes)
+    path.write_text(json.dumps(config))
+    return dst
+
+
+def rewrite_weights(adapter_dir: Path, change) -> Path:
+    """Rewrite adapter_model.safetensors through change(dict of tensors) -> dict of tensors."""
+    from safetensors.torch import load_file, save_file
+
+    file = adapter_dir / "adapter_model.safetensors"
+    save_file(change(load_file(str(file))), str(file))
+    return adapter_dir

@@ -108,9 +108,11 @@ class Fetcher:
                 token=token,
                 allow_patterns=list(MODEL_PATTERNS if model else ADAPTER_FILES),
             )
+        except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: offline
+            raise SourceUnreachable(f"hf://{rest} could not be downloaded: {e}") from e
         except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
             raise SourceNotFound(f"hf://{rest}: {e}") from e
-        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        except (HfHubHTTPError, OSError) as e:
             raise SourceUnreachable(f"hf://{rest} could not be downloaded: {e}") from e
         return Path(path)
 

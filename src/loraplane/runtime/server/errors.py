@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplane.runtime.adapters.errors import AdapterError
 from loraplane.runtime.engine import QueueFull, ShuttingDown
@@ -88,6 +89,10 @@ def install(app) -> None:
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(request, as_api_error(exc, request))
 
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(request, APIError(exc.status_code, str(exc.detail), code="http"))
+
     app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
     for exc_type in (APIError, QueueFull, ShuttingDown, AdapterError, ValueError):
         app.add_exception_handler(exc_type, on_error)

@@ -1,0 +1,145 @@
+"""Adapter sources against local stand-ins: pvc mounts, an offline HF cache, fsspec, http."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import shutil
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import fsspec
+import pytest
+from server_fixtures import demo_dir  # noqa: F401
+
+from loraplane.runtime.adapters.errors import (
+    InvalidSource,
+    SourceNotFound,
+    SourceUnreachable,
+)
+from loraplane.runtime.adapters.sources import ADAPTER_FILES, Fetcher, split_source
+
+COMMIT = "a" * 40
+
+
+def same_files(a: Path, b: Path) -> bool:
+    return all((a / f).read_bytes() == (b / f).read_bytes() for f in ADAPTER_FILES)
+
+
+@pytest.fixture
+def poet(demo_dir) -> Path:  # noqa: F811
+    return demo_dir[1]["poet"]
+
+
+def test_split_source_and_local_paths(tmp_path, poet):
+    assert split_source("/abs/x") == ("file", "/abs/x")
+    assert split_source("file:///abs/x") == ("file", "/abs/x")
+    assert split_source("hf://org/name@v1") == ("hf", "org/name@v1")
+    with pytest.raises(InvalidSource, match="scheme"):
+        split_source("gs://bucket/x")
+    fetcher = Fetcher(tmp_path / "cache", tmp_path / "pvc")
+    assert fetcher.fetch(f"file://{poet}") == poet
+    claim = tmp_path / "pvc" / "claim" / "adapters" / "poet"
+    shutil.copytree(poet, claim)
+    assert fetcher.fetch("pvc://claim/adapters/poet") == claim.resolve()
+    with pytest.raises(InvalidSource, match="inside the claim"):
+        fetcher.fetch("pvc://claim/../../../etc")
+    with pytest.raises(SourceNotFound):
+        fetcher.fetch("pvc://claim/missing")
+
+
+def _hf_cache(root: Path, repo: str, files_from: Path, ref: str) -> None:
+    # huggingface_hub's cache layout: refs/<revision> names a snapshot directory.
+    repo_dir = root / "hf" / f"models--{repo.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for name in ADAPTER_FILES:
+        shutil.copy(files_from / name, snapshot / name)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / ref).write_text(COMMIT)
+
+
+def test_hf_source_through_huggingface_hub_offline(tmp_path, poet, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _hf_cache(tmp_path / "cache", "acme/poet-lora", poet, "v1")
+    fetcher = Fetcher(tmp_path / "cache", tmp_path / "pvc")
+    got = fetcher.fetch("hf://acme/poet-lora@v1")
+    assert got.name == COMMIT and same_files(got, poet)
+    assert fetcher.fetch("hf://acme/poet-lora", revision="v1") == got
+    with pytest.raises(InvalidSource, match="revision"):
+        fetcher.fetch("hf://acme/poet-lora@v1", revision="v2")
+    with pytest.raises(SourceUnreachable, match="acme/absent"):
+        fetcher.fetch("hf://acme/absent")
+    with pytest.raises(InvalidSource):
+        fetcher.fetch("hf://a/b/c")
+
+
+def test_s3_source_through_an_fsspec_filesystem(tmp_path, poet):
+    memory = fsspec.filesystem("memory")
+    for name in ADAPTER_FILES:
+        memory.pipe(f"/bucket/team/poet/{name}", (poet / name).read_bytes())
+    asked = []
+
+    def filesystem(protocol: str):
+        asked.append(protocol)
+        return memory
+
+    fetcher = Fetcher(tmp_path / "cache", tmp_path / "pvc", filesystem=filesystem)
+    got = fetcher.fetch("s3://bucket/team/poet")
+    assert asked == ["s3"] and same_files(got, poet)
+    assert got.is_relative_to(tmp_path / "cache")
+    assert fetcher.fetch("s3://bucket/team/poet") == got  # cached: no second download
+    assert asked == ["s3"]
+    with pytest.raises(SourceNotFound):
+        fetcher.fetch("s3://bucket/team/absent")
+    assert not list((tmp_path / "cache" / "sources").glob(".partial-*"))
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+
+    class Quiet(handler.func):  # type: ignore[name-defined,misc]
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(root))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_https_source_files_and_archives(tmp_path, poet, http_root):
+    root, url = http_root
+    shutil.copytree(poet, root / "poet")
+    with tarfile.open(root / "poet.tar.gz", "w:gz") as tar:
+        for name in ADAPTER_FILES:
+            tar.add(poet / name, arcname=f"poet-lora/{name}")
+        evil = tarfile.TarInfo("../../escape.txt")
+        evil.size = 3
+        tar.addfile(evil, io.BytesIO(b"bad"))
+    with zipfile.ZipFile(root / "poet.zip", "w") as z:
+        for name in ADAPTER_FILES:
+            z.write(poet / name, arcname=name)
+    fetcher = Fetcher(tmp_path / "cache", tmp_path / "pvc")
+    for source in (f"{url}/poet", f"{url}/poet.tar.gz", f"{url}/poet.zip"):
+        got = fetcher.fetch(source)
+        assert same_files(got, poet), source
+        assert sorted(p.name for p in got.iterdir()) == sorted(ADAPTER_FILES)
+    assert not list(tmp_path.rglob("escape.txt"))
+    with pytest.raises(SourceNotFound, match="404"):
+        fetcher.fetch(f"{url}/absent")
+    (root / "broken.tar.gz").write_bytes(b"not a tarball")
+    with pytest.raises(SourceNotFound, match="archive"):
+        fetcher.fetch(f"{url}/broken.tar.gz")
