@@ -5,11 +5,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 3) -> float:
+def median_ms(fn: Callable[[], Any], device: torch.device, iters: int, warmup: int = 3) -> float:
     """Median wall time of one fn() call in milliseconds (CUDA events on a GPU)."""
     for _ in range(warmup):
         fn()
@@ -31,8 +32,12 @@ def median_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup
     return statistics.median(times)
 
 
-def capture(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
-    """fn as a replayable CUDA graph on a GPU (kernels compiled first); fn itself on the CPU."""
+def capture(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """fn as a replayable CUDA graph on a GPU (kernels compiled first); fn itself on the CPU.
+
+    The replay returns what fn returned while captured: the graph's static output, which
+    each replay overwrites.
+    """
     if device.type != "cuda":
         return fn
     stream = torch.cuda.Stream()
@@ -43,8 +48,13 @@ def capture(fn: Callable[[], object], device: torch.device) -> Callable[[], obje
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        out = fn()
+
+    def replay() -> Any:
+        graph.replay()
+        return out
+
+    return replay
 
 
 def verdict(ok: bool, cpu: bool) -> str:
