@@ -1,0 +1,65 @@
+"""CLI of the local control plane: python -m e2e.cluster up|down|status|kubeconfig|kubectl."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .controlplane import ClusterError, ControlPlane
+from .paths import Bins
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cluster.sh", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start (idempotent) and wait until ready")
+    up.add_argument("--no-kwok", action="store_true", help="don't start kwok")
+    up.add_argument(
+        "--agent-nodes", type=int, default=1, help="GPU nodes of the node agent (0: none)"
+    )
+    up.add_argument("--gpus", type=int, default=8, help="nvidia.com/gpu capacity per agent node")
+    down = sub.add_parser("down", help="stop everything, leaving no processes")
+    down.add_argument("--keep-data", action="store_true", help="keep etcd's data for the next up")
+    sub.add_parser("status", help="processes, ports and readiness as JSON")
+    kc = sub.add_parser("kubeconfig", help="print the absolute path of a kubeconfig")
+    kc.add_argument("--user", default="admin", choices=["admin", "operator"])
+    sub.add_parser("kubectl", help="print the absolute path of the built kubectl")
+    logs = sub.add_parser("logs", help="print the tail of a component's log")
+    logs.add_argument("component")
+    logs.add_argument("-n", "--lines", type=int, default=100)
+    args = ap.parse_args(argv)
+
+    cp = ControlPlane()
+    try:
+        if args.cmd == "up":
+            with cp.lock():
+                cp.up(kwok=not args.no_kwok, agent_nodes=args.agent_nodes, gpus=args.gpus)
+            print(
+                f"cluster ready at {cp.server}\n  export KUBECONFIG={cp.kubeconfig()}"
+                f"\n  kubectl: {cp.bins.kubectl}",
+                file=sys.stderr,
+            )
+        elif args.cmd == "down":
+            with cp.lock():
+                stopped = cp.down(wipe=not args.keep_data)
+                (cp.state / "started-by-tests").unlink(missing_ok=True)
+            print("stopped: " + (", ".join(stopped) or "nothing was running"), file=sys.stderr)
+        elif args.cmd == "status":
+            print(json.dumps(cp.status(), indent=2))
+        elif args.cmd == "kubeconfig":
+            print(cp.kubeconfig(args.user))
+        elif args.cmd == "kubectl":
+            print(Bins.default().kubectl)
+        elif args.cmd == "logs":
+            from .controlplane import tail
+
+            print(tail(cp.log(args.component), args.lines))
+    except ClusterError as e:
+        print(f"cluster.sh {args.cmd}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

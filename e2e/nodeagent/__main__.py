@@ -1,0 +1,48 @@
+"""Run the node agent: python -m e2e.nodeagent --kubeconfig K --nodes 1 --gpus 8."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from e2e.cluster.paths import versions
+
+from .agent import Agent, AgentConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="nodeagent", description=__doc__)
+    ap.add_argument(
+        "--kubeconfig", type=Path, required=True, help="credentials able to write Nodes and Pods"
+    )
+    ap.add_argument("--nodes", type=int, default=1, help="how many Nodes to register")
+    ap.add_argument("--name-prefix", default="loraplane-gpu", help="Nodes are named <prefix>-<i>")
+    ap.add_argument("--gpus", type=int, default=8, help="nvidia.com/gpu capacity of each Node")
+    ap.add_argument("--state-dir", type=Path, required=True, help="pod logs, kubeconfigs and pids")
+    args = ap.parse_args(argv)
+
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stdout,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    cfg = AgentConfig(
+        kubeconfig=args.kubeconfig,
+        state_dir=args.state_dir.resolve(),
+        node_names=tuple(f"{args.name_prefix}-{i}" for i in range(args.nodes)),
+        gpus=args.gpus,
+        kubelet_version=versions()["K8S_VERSION"],
+    )
+    agent = Agent(cfg)
+    # SIGTERM (cluster down) stops every pod's processes before the agent exits.
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop.set())
+    agent.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

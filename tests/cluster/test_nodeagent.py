@@ -1,0 +1,289 @@
+"""The node agent: its GPU Node, and pods that really run as local processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from e2e.cluster.testing import Kube, wait_for
+
+
+@pytest.fixture
+def local(kube: Kube) -> Kube:
+    if kube.local is None:
+        pytest.skip("needs the local control plane's node agent (not a KUBECONFIG cluster)")
+    return kube
+
+
+POD_IP = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+
+
+def deployment(name: str, replicas: int, container: dict, **pod_spec) -> dict:
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [container], "terminationGracePeriodSeconds": 5, **pod_spec},
+            },
+        },
+    }
+
+
+def create(kube: Kube, ns: str, obj: dict) -> None:
+    kube.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(obj))
+
+
+def pods(kube: Kube, ns: str, selector: str) -> list[dict]:
+    return kube.get_json("pods", "-n", ns, "-l", selector)["items"]
+
+
+def ready(pod: dict) -> bool:
+    conds = pod.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.status, resp.read()
+
+
+def test_agent_node_is_a_ready_gpu_node(local: Kube) -> None:
+    nodes = local.get_json("nodes", "-l", "loraplane.io/node-agent=true")["items"]
+    assert nodes, "the node agent registered no Node"
+    node = nodes[0]
+    assert node["status"]["capacity"]["nvidia.com/gpu"] == "8"
+    assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+    assert any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
+    listed = local.kubectl("get", "nodes").stdout
+    assert node["metadata"]["name"] in listed and " Ready " in listed
+    lease = local.get_json("lease", node["metadata"]["name"], "-n", "kube-node-lease")
+    assert lease["spec"]["holderIdentity"] == node["metadata"]["name"]
+
+
+def test_deployment_pods_run_on_their_own_loopback_addresses(local: Kube, namespace: str) -> None:
+    web = {
+        "name": "web",
+        "image": "python:3.11-slim",
+        "command": ["python3", "-m", "http.server", "--bind", "$(POD_IP)", "8080"],
+        "env": [POD_IP],
+        "ports": [{"name": "http", "containerPort": 8080}],
+        "resources": {"limits": {"nvidia.com/gpu": "1"}},
+        "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+    }
+    create(local, namespace, deployment("web", 2, web))
+    wait_for(
+        lambda: (
+            local.get_json("deploy", "web", "-n", namespace).get("status", {}).get("readyReplicas")
+            == 2
+        ),
+        60,
+        "2 ready replicas of deployment/web",
+    )
+    running = pods(local, namespace, "app=web")
+    ips = {p["status"]["podIP"] for p in running}
+    assert len(ips) == 2 and all(ip.startswith("127.") and ip != "127.0.0.1" for ip in ips), ips
+    for ip in ips:
+        status, body = http_get(f"http://{ip}:8080/")
+        assert status == 200 and b"Directory listing" in body
+    # No EndpointSlice can hold these addresses: the API rejects loopback ones ("may not be in
+    # the loopback range"), so Services over agent pods stay empty; read Pod status instead.
+
+
+SHOW_ENV = textwrap.dedent("""
+    import http.server, json, os
+    from kubernetes import client, config
+    config.load_kube_config()  # KUBECONFIG, handed over by the node agent
+    cfg = client.Configuration.get_default_copy()
+    # kubernetes 36.0.0 loads the token under "authorization" but sends only "BearerToken"
+    # (kubernetes-client/python#2584); without this the request goes out anonymous.
+    cfg.api_key.setdefault("BearerToken", cfg.api_key.get("authorization"))
+    review = client.AuthenticationV1Api(client.ApiClient(cfg)).create_self_subject_review(
+        {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"})
+    facts = dict(os.environ, WHOAMI=review.status.user_info.username)
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps(facts).encode()
+            self.send_response(200); self.end_headers(); self.wfile.write(body)
+    http.server.HTTPServer((os.environ["POD_IP"], 8080), H).serve_forever()
+""")
+
+
+def test_pod_env_is_resolved_and_has_its_service_account(local: Kube, namespace: str) -> None:
+    local.kubectl(
+        "create", "secret", "generic", "creds", "-n", namespace, "--from-literal=token=s3cr3t"
+    )
+    local.kubectl("create", "configmap", "conf", "-n", namespace, "--from-literal=level=debug")
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "env"},
+        "spec": {
+            "containers": [
+                {
+                    "name": "show",
+                    "image": "ignored",
+                    "command": ["python", "-c", SHOW_ENV],
+                    "env": [
+                        POD_IP,
+                        {
+                            "name": "PLAIN",
+                            "value": "hello $(POD_NAME)",
+                        },  # not defined yet: stays as is
+                        {
+                            "name": "POD_NAME",
+                            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                        },
+                        {
+                            "name": "POD_NAMESPACE",
+                            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                        },
+                        {"name": "GREETING", "value": "hi $(POD_NAME)"},
+                        {
+                            "name": "TOKEN",
+                            "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}},
+                        },
+                        {
+                            "name": "LEVEL",
+                            "valueFrom": {"configMapKeyRef": {"name": "conf", "key": "level"}},
+                        },
+                    ],
+                    "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+                }
+            ]
+        },
+    }
+    create(local, namespace, pod)
+    got = wait_for(
+        lambda: (
+            ready(local.get_json("pod", "env", "-n", namespace))
+            and local.get_json("pod", "env", "-n", namespace)
+        ),
+        60,
+        "pod/env Ready",
+    )
+    ip = got["status"]["podIP"]
+    env = json.loads(http_get(f"http://{ip}:8080/")[1])
+    assert env["POD_IP"] == ip and env["POD_NAME"] == "env" and env["POD_NAMESPACE"] == namespace
+    assert env["GREETING"] == "hi env" and env["PLAIN"] == "hello $(POD_NAME)"
+    assert env["TOKEN"] == "s3cr3t" and env["LEVEL"] == "debug"
+    assert env["WHOAMI"] == f"system:serviceaccount:{namespace}:default"
+
+
+def test_crashing_container_is_restarted_and_counted(local: Kube, namespace: str) -> None:
+    crash = {
+        "name": "crash",
+        "image": "ignored",
+        "command": ["python3", "-c", "import sys; sys.exit(3)"],
+    }
+    create(
+        local,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "crash"},
+            "spec": {"containers": [crash]},
+        },
+    )
+
+    def restarted() -> dict | None:
+        st = local.get_json("pod", "crash", "-n", namespace)["status"]["containerStatuses"][0]
+        return st if st["restartCount"] >= 2 else None
+
+    st = wait_for(restarted, 60, "two restarts of the crashing container")
+    assert st["lastState"]["terminated"]["exitCode"] == 3
+    # OnFailure leaves a clean exit alone; the pod Succeeds.
+    once = {"name": "once", "image": "ignored", "command": ["true"]}
+    create(
+        local,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "once"},
+            "spec": {"containers": [once], "restartPolicy": "OnFailure"},
+        },
+    )
+    wait_for(
+        lambda: (
+            local.get_json("pod", "once", "-n", namespace)["status"].get("phase") == "Succeeded"
+        ),
+        30,
+        "pod/once Succeeded",
+    )
+
+
+TRAP = textwrap.dedent("""
+    import signal, sys, time
+    def bye(*_):
+        print("got SIGTERM", flush=True); sys.exit(0)
+    signal.signal(signal.SIGTERM, bye)
+    print("waiting", flush=True)
+    while True: time.sleep(1)
+""")
+
+
+def test_delete_sends_sigterm_and_finalizes(local: Kube, namespace: str) -> None:
+    c = {"name": "trap", "image": "ignored", "command": ["python3", "-u", "-c", TRAP]}
+    create(
+        local,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "trap"},
+            "spec": {"containers": [c], "terminationGracePeriodSeconds": 20},
+        },
+    )
+    st = wait_for(
+        lambda: (
+            (
+                local.get_json("pod", "trap", "-n", namespace)["status"].get("containerStatuses")
+                or [{}]
+            )[0]
+            .get("state", {})
+            .get("running")
+            and local.get_json("pod", "trap", "-n", namespace)
+        ),
+        30,
+        "pod/trap running",
+    )
+    pid = int(st["status"]["containerStatuses"][0]["containerID"].removeprefix("local://"))
+    logs = list((local.local.state / "agent" / "pods").glob(f"{namespace}_trap_*/trap.log"))
+    wait_for(lambda: "waiting" in logs[0].read_text(), 10, "the trap process to start")
+    start = time.monotonic()
+    local.kubectl("delete", "pod", "trap", "-n", namespace, "--wait=true", "--timeout=30s")
+    assert time.monotonic() - start < 15, "a process that exits on SIGTERM is not waited for"
+    assert "got SIGTERM" in logs[0].read_text()
+    assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_loopback_addresses_route_locally() -> None:
+    """The premise of the agent: any 127.x.y.z can be bound without setup on Linux."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.5.7.9", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with socket.create_connection(("127.5.7.9", port), timeout=2):
+            pass
+    assert os.uname().sysname == "Linux"
