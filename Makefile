@@ -51,7 +51,7 @@ demo: install ## Run the main job: a local demo of the whole system on an embedd
 cluster-bins: ## Build (cached) kube-apiserver, etcd, controller-manager, scheduler, kubectl, helm, kwok
 	e2e/cluster/build.sh
 
-cluster-up: cluster-bins ## Start the local control plane on 127.0.0.1 (idempotent)
+cluster-up: install cluster-bins ## Start the local control plane on 127.0.0.1 (idempotent)
 	e2e/cluster/cluster.sh up
 
 cluster-down: ## Stop the local control plane, leaving no processes
