@@ -109,3 +109,25 @@ def rewrite_weights(adapter_dir: Path, change) -> Path:
     file = adapter_dir / "adapter_model.safetensors"
     save_file(change(load_file(str(file))), str(file))
     return adapter_dir
+
+
+def peft_greedy(base, adapter_dir, prompts: list[str], max_tokens: int) -> list[str]:
+    """PEFT's own greedy generate: the oracle every runtime output is held to."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    texts = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+        texts.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return texts

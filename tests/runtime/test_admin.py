@@ -39,8 +39,7 @@ def put(server, name, **body):
     return httpx.put(f"{server.url}/v1/adapters/{name}", json=body, headers=AUTH, timeout=60)
 
 
-def test_admin_needs_the_bearer_token(server, demo_dir):  # noqa: F811
-    _, adapters = demo_dir
+def test_admin_needs_the_bearer_token(server):
     assert httpx.get(f"{server.url}/v1/adapters").status_code == 401
     wrong = {"Authorization": "Bearer nope"}
     r = httpx.put(f"{server.url}/v1/adapters/x", json={"source": "/x"}, headers=wrong)

@@ -6,8 +6,7 @@ import asyncio
 
 import httpx
 import pytest
-import torch
-from server_fixtures import RunningServer, demo_dir, make_config  # noqa: F401
+from server_fixtures import RunningServer, demo_dir, make_config, peft_greedy  # noqa: F401
 
 PROMPTS = ["hello world, how", "the quick brown fox", "SELECT name FROM"]
 MAX_TOKENS = 10
@@ -21,26 +20,6 @@ def server(demo_dir, tmp_path_factory):  # noqa: F811
     )
     with RunningServer(config) as running:
         yield running
-
-
-def peft_greedy(base, adapter_dir, prompts: list[str]) -> list[str]:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(base))
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
-    texts = []
-    for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-        with torch.no_grad():
-            out = model.generate(
-                ids, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id
-            )
-        texts.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
-    return texts
 
 
 async def test_concurrent_adapters_match_peft_greedy(server, demo_dir):  # noqa: F811
@@ -60,7 +39,7 @@ async def test_concurrent_adapters_match_peft_greedy(server, demo_dir):  # noqa:
         got = await asyncio.gather(*jobs)
     ours = {m: got[i * len(PROMPTS) : (i + 1) * len(PROMPTS)] for i, m in enumerate(models)}
     for model in models:
-        expected = peft_greedy(base, adapter_dirs.get(model), PROMPTS)
+        expected = peft_greedy(base, adapter_dirs.get(model), PROMPTS, MAX_TOKENS)
         assert ours[model] == expected, f"{model}: ours {ours[model]} != PEFT {expected}"
     # The adapters must really differ, or the equality above would prove little.
     assert len({tuple(v) for v in ours.values()}) == len(models)

@@ -212,6 +212,9 @@ class Engine:
                 self.scheduler.add(seq)
             elif not seq.finished:
                 self._finish(seq, "abort")
+        for slot, entry in self.adapters.take_pending():
+            assert entry.weights is not None
+            self.runner.load_adapter(slot, entry.weights)
         for slot in self.adapters.reap():
             self.runner.clear_adapter(slot)
         self._place_idle()

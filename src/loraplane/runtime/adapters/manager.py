@@ -113,6 +113,7 @@ class AdapterManager:
         self.retired: list[AdapterEntry] = []
         self.host: OrderedDict[int, AdapterEntry] = OrderedDict()  # uid -> entry, LRU first
         self.slots = SlotTable(max_adapters)
+        self.pending: list[tuple[int, AdapterEntry]] = []
         self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
 
     # -- registry (HTTP threads) --------------------------------------------------------------
@@ -144,6 +145,7 @@ class AdapterManager:
             self.host[entry.uid] = entry
             if old is not None:
                 self._retire(old)
+            self._claim_free_slot(entry)
             self._trim_host()
         self.on_change()
         return entry, True
@@ -184,6 +186,22 @@ class AdapterManager:
             size_bytes=weights.size_bytes,
             weights=weights,
         )
+
+    def _claim_free_slot(self, entry: AdapterEntry) -> None:
+        # A new adapter takes a free slot at once (never evicting), so a burst of loads fills
+        # the slots before the host tier's limit pushes anything to disk.
+        if self.slots.free_count() == 0:
+            return
+        slot, _ = self.slots.allocate(entry, lambda _: False)
+        self.host.pop(entry.uid, None)
+        entry.slot = slot
+        self.pending.append((slot, entry))
+
+    def take_pending(self) -> list[tuple[int, AdapterEntry]]:
+        """Slots assigned off the engine thread whose weights the runner must copy in now."""
+        with self.lock:
+            pending, self.pending = self.pending, []
+        return [(slot, e) for slot, e in pending if e.slot == slot and e.weights is not None]
 
     def _set_pinned(self, entry: AdapterEntry, pinned: bool) -> None:
         if pinned and not entry.pinned:

@@ -1,0 +1,85 @@
+"""GPU slots and the host tier: LRU, pinning, and adapters swapped in without wrong outputs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from server_fixtures import (  # noqa: F401
+    RunningServer,
+    copy_adapter,
+    demo_dir,
+    make_config,
+    peft_greedy,
+)
+
+PROMPT = "the quick brown fox"
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def setup(demo_dir, tmp_path_factory):  # noqa: F811
+    base, adapters = demo_dir
+    tmp = tmp_path_factory.mktemp("tiers")
+    dirs = dict(adapters) | {
+        "poet-two": copy_adapter(adapters["poet"], tmp / "poet2", lora_alpha=32)
+    }
+    # Two slots and one host copy for four adapters: at least one lives only on disk.
+    config = make_config(
+        base,
+        tmp,
+        max_adapters=2,
+        max_cpu_adapters=1,
+        adapters={n: str(p) for n, p in dirs.items()},
+    )
+    with RunningServer(config) as running:
+        yield running, base, dirs
+
+
+def tiers(server) -> dict[str, str]:
+    return {a["name"]: a["tier"] for a in httpx.get(f"{server.url}/v1/adapters").json()["adapters"]}
+
+
+async def ask_all(server, models: list[str]) -> list[str]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+
+        async def one(model: str) -> str:
+            r = await client.post(
+                "/v1/completions",
+                json={"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0},
+            )
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        return list(await asyncio.gather(*(one(m) for m in models)))
+
+
+async def test_more_adapters_than_slots_all_served_correctly(setup):
+    server, base, dirs = setup
+    assert sorted(tiers(server).values()) == ["cpu", "disk", "gpu", "gpu"]
+    names = list(dirs)
+    # Every adapter twice, concurrently: slots are swapped between steps as requests finish.
+    got = await ask_all(server, names * 2)
+    for i, name in enumerate(names):
+        expected = peft_greedy(base, dirs[name], [PROMPT], MAX_TOKENS)[0]
+        assert got[i] == got[i + len(names)] == expected, name
+    assert sorted(tiers(server).values()) == ["cpu", "disk", "gpu", "gpu"]
+
+
+async def test_pinned_adapter_is_never_evicted(setup):
+    server, _, dirs = setup
+    r = httpx.put(
+        f"{server.url}/v1/adapters/sql-expert",
+        json={"source": str(dirs["sql-expert"]), "pinned": True},
+    )
+    assert r.status_code == 200 and r.json()["pinned"], r.text
+    # Pinning another would leave no slot for unpinned adapters.
+    r = httpx.put(
+        f"{server.url}/v1/adapters/poet", json={"source": str(dirs["poet"]), "pinned": True}
+    )
+    assert r.status_code == 409 and "pinned" in r.json()["error"]["message"]
+    for name in ["poet", "support-bot", "poet-two", "poet", "support-bot"]:
+        await ask_all(server, [name])
+        assert tiers(server)["sql-expert"] == "gpu"
+        assert tiers(server)[name] == "gpu"
