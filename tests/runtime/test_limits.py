@@ -1,0 +1,149 @@
+"""Request validation (400 in OpenAI's shape, never 500), 429 on a full queue, metrics moving."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from server_fixtures import RunningServer, demo_dir, make_config  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def server(demo_dir, tmp_path_factory):  # noqa: F811
+    base, adapters = demo_dir
+    config = make_config(
+        base,
+        tmp_path_factory.mktemp("limits"),
+        max_queue=2,
+        max_running=1,
+        max_batch_tokens=256,
+        adapters={"poet": str(adapters["poet"])},
+    )
+    with RunningServer(config) as running:
+        yield running
+
+
+def samples(server) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"{server.url}/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+BAD_COMPLETIONS = [
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "temperature": 5}, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, "top_p"),
+    ({"prompt": "hi", "n": 2}, "n"),
+    ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+    ({"prompt": "hi", "presence_penalty": 1.0}, "presence_penalty"),
+    ({"prompt": "hi", "stop": [""]}, "stop"),
+    ({}, "prompt"),
+    ({"prompt": "hi " * 300}, "limit"),
+    ({"prompt": "hi", "max_tokens": 1000}, "limit"),
+    ({"prompt": [5, 99999]}, "vocabulary"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": "hi", "stream": True, "max_tokens": "many"}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize(("extra", "word"), BAD_COMPLETIONS)
+def test_bad_completion_requests_are_400_in_openai_shape(server, extra, word):
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "poet"} | extra)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert word in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_bad_chat_and_tgi_requests(server):
+    url = server.url
+    for body in (
+        {"model": "poet", "messages": []},
+        {"model": "poet", "messages": [{"role": "robot", "content": "x"}]},
+        {
+            "model": "poet",
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+            ],
+        },
+    ):
+        r = httpx.post(f"{url}/v1/chat/completions", json=body)
+        assert r.status_code == 400 and "error" in r.json(), (body, r.text)
+    r = httpx.post(f"{url}/generate", json={"inputs": "hi", "parameters": {"top_p": 2}})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"
+    r = httpx.post(
+        f"{url}/generate", json={"inputs": "hi", "parameters": {"repetition_penalty": 1.3}}
+    )
+    assert r.status_code == 422 and "repetition_penalty" in r.json()["error"]
+    r = httpx.post(f"{url}/generate", json={"inputs": "hi", "parameters": {"adapter_id": "x"}})
+    assert r.status_code == 404 and "x" in r.json()["error"]
+    r = httpx.post(
+        f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
+
+
+def test_metrics_move_as_requests_are_served(server):
+    before = samples(server)
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={
+            "model": "poet",
+            "prompt": "hello world",
+            "max_tokens": 5,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )
+    assert r.status_code == 200
+    usage = r.json()["usage"]
+    after = samples(server)
+
+    def delta(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("loraplane_requests_total", adapter="poet", status="success") == 1
+    assert delta("loraplane_generated_tokens_total", adapter="poet") == usage["completion_tokens"]
+    assert delta("loraplane_prompt_tokens_total", adapter="poet") == usage["prompt_tokens"]
+    assert delta("loraplane_time_to_first_token_seconds_count", adapter="poet") == 1
+    assert delta("loraplane_time_per_output_token_seconds_count", adapter="poet") == 4
+    assert after[("loraplane_requests_in_flight", ())] == 0
+    assert after[("loraplane_queue_depth", ())] == 0
+    assert after[("loraplane_adapters", (("tier", "gpu"),))] == 1
+    assert after[("loraplane_adapter_load_seconds_count", ())] >= 1
+
+
+async def test_full_queue_answers_429_and_serves_the_rest(server):
+    body = {
+        "model": "poet",
+        "prompt": "hello",
+        "max_tokens": 40,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    before = samples(server)
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        rs = await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(10)))
+        tgi = await asyncio.gather(
+            *(
+                client.post(
+                    "/generate", json={"inputs": "hello", "parameters": {"max_new_tokens": 40}}
+                )
+                for _ in range(8)
+            )
+        )
+    codes = sorted(r.status_code for r in rs)
+    assert set(codes) == {200, 429} and codes.count(200) >= 3, codes
+    busy = next(r for r in rs if r.status_code == 429)
+    assert busy.headers["retry-after"] == "1"
+    assert busy.json()["error"]["code"] == "overloaded"
+    tgi_busy = [r for r in tgi if r.status_code == 429]
+    assert tgi_busy and tgi_busy[0].json()["error_type"] == "overloaded"
+    after = samples(server)
+    key = ("loraplane_requests_total", (("adapter", "poet"), ("status", "rejected")))
+    assert after[key] - before.get(key, 0) == codes.count(429)
