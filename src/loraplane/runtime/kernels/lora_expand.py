@@ -15,7 +15,7 @@ from loraplane.runtime.kernels.lora_shrink import exact_dot, rank_mask
 from loraplane.runtime.kernels.segments import SegmentTiles
 
 BLOCK_R = 16
-BLOCK_N = 64
+BLOCK_N = 128  # with 16 rank columns: a 4 KB slice of B per program in bf16
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import triton.language as tl
 from loraplane.runtime.kernels.segments import SegmentTiles
 
 BLOCK_R = 16  # tl.dot's smallest tile; a rank-8 adapter masks half of it (masked loads are free)
-BLOCK_K = 64
+BLOCK_K = 128  # decode streams A: 16 rank rows x 128 x 2 B per load, per program
 
 
 @triton.jit

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The one prepared benchmark run: check correctness, then time everything, printing every number.
+#   bench/run_all.sh --gpu   # a GPU machine, one call, well under 10 minutes on an H200
+#   bench/run_all.sh --cpu   # tiny sizes on a CPU under the Triton interpreter: proves the scripts
+# Installs nothing (make install does). Keeps going after a failure so one run gives every
+# number, and exits non-zero if any step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+mode=${1:-}
+status=0
+
+run() {
+  local start=$SECONDS
+  echo
+  echo "+ $*"
+  "$@" || { echo "!! failed: $*"; status=1; }
+  echo "  ($((SECONDS - start)) s)"
+}
+
+case "$mode" in
+  --gpu)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    run "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/runtime
+    run "$PY" -m pytest -q -p no:cacheprovider tests/runtime/test_kernels.py
+    run "$PY" bench/kernels.py
+    run "$PY" bench/decode.py
+    # bench/serve.py (the HTTP server, issue 5) goes here.
+    ;;
+  --cpu)
+    export TRITON_INTERPRET=1
+    run "$PY" -m pytest -q -p no:cacheprovider tests/runtime/test_kernels.py
+    run "$PY" bench/kernels.py --cpu --tiny
+    run "$PY" bench/decode.py --cpu --tiny
+    ;;
+  *)
+    echo "usage: $0 --gpu|--cpu" >&2
+    exit 2
+    ;;
+esac
+echo
+echo "run_all $mode: $([[ $status == 0 ]] && echo ok || echo FAILED) in $SECONDS s"
+exit $status
