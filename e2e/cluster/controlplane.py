@@ -216,6 +216,9 @@ class ControlPlane:
                 f"--service-account-key-file={k / 'sa.pub'}",
                 f"--service-account-signing-key-file={k / 'sa.key'}",
                 "--service-cluster-ip-range=10.96.0.0/16",
+                # Reach kubelets (the agent, kwok) only by their InternalIP, 127.0.0.1: never by a
+                # hostname that would need DNS.
+                "--kubelet-preferred-address-types=InternalIP",
                 "--authorization-mode=Node,RBAC",
                 "--allow-privileged=true",
                 "--profiling=false",
@@ -289,6 +292,8 @@ class ControlPlane:
                 f"--nodes={nodes}",
                 f"--gpus={gpus}",
                 f"--state-dir={self.state / 'agent'}",
+                f"--serving-cert={self.pki / 'nodeagent.crt'}",
+                f"--serving-key={self.pki / 'nodeagent.key'}",
             ],
             env=env,
         )
@@ -422,6 +427,8 @@ def _b64(data: bytes) -> str:
 
 def _free(port: int) -> bool:
     with socket.socket() as s:
+        # As the servers do: a port whose old connections linger in TIME_WAIT is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

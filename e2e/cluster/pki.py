@@ -36,6 +36,10 @@ LEAVES = (
     Leaf("controller-manager", "/CN=system:kube-controller-manager"),
     Leaf("scheduler", "/CN=system:kube-scheduler"),
     Leaf("operator", "/CN=loraplane-operator"),
+    # The node agent's kubelet API, which the apiserver calls for `kubectl logs`.
+    Leaf(
+        "nodeagent", "/CN=loraplane-nodeagent", server=True, sans=("IP:127.0.0.1", "DNS:localhost")
+    ),
     # The apiserver's client certificate towards kubelets (our node agent never checks it).
     Leaf("apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client"),
 )

@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name-prefix", default="loraplane-gpu", help="Nodes are named <prefix>-<i>")
     ap.add_argument("--gpus", type=int, default=8, help="nvidia.com/gpu capacity of each Node")
     ap.add_argument("--state-dir", type=Path, required=True, help="pod logs, kubeconfigs and pids")
+    ap.add_argument(
+        "--serving-cert", type=Path, help="TLS certificate of the kubelet API (`kubectl logs`)"
+    )
+    ap.add_argument("--serving-key", type=Path, help="its key")
     args = ap.parse_args(argv)
 
     logging.basicConfig(
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         node_names=tuple(f"{args.name_prefix}-{i}" for i in range(args.nodes)),
         gpus=args.gpus,
         kubelet_version=versions()["K8S_VERSION"],
+        serving_cert=args.serving_cert,
+        serving_key=args.serving_key,
     )
     agent = Agent(cfg)
     # SIGTERM (cluster down) stops every pod's processes before the agent exits.

@@ -11,6 +11,7 @@ import yaml
 from kubernetes import client, config, watch
 
 from .ipam import Ipam, node_octet
+from .kubeletapi import KubeletAPI
 from .node import NodeKeeper
 from .node import now as node_now
 from .pod import PodWorker
@@ -27,6 +28,8 @@ class AgentConfig:
     kubelet_version: str = "v1.34.4"
     token_seconds: int = 24 * 3600
     shutdown_grace: float = 5.0  # per container when the agent itself stops
+    serving_cert: Path | None = None  # for the kubelet API (`kubectl logs`); none: not served
+    serving_key: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.node_names:
@@ -56,8 +59,18 @@ class Agent:
 
     # -- lifecycle -----------------------------------------------------------------------
     def run(self) -> None:
+        port = 0
+        if self.cfg.serving_cert and self.cfg.serving_key:
+            api = KubeletAPI(self.cfg.serving_cert, self.cfg.serving_key, self.find_log, self.alive)
+            api.start()
+            port = api.port
         keeper = NodeKeeper(
-            self.api, list(self.cfg.node_names), self.cfg.gpus, self.cfg.kubelet_version, self.stop
+            self.api,
+            list(self.cfg.node_names),
+            self.cfg.gpus,
+            self.cfg.kubelet_version,
+            self.stop,
+            kubelet_port=port,
         )
         keeper.register()
         keeper.start()
@@ -156,6 +169,28 @@ class Agent:
         except client.ApiException as e:
             if e.status not in (404, 409):
                 log.warning("finalizing pod %s: %s %s", pod.metadata.name, e.status, e.reason)
+
+    def find_log(self, namespace: str, pod: str, container: str) -> Path | None:
+        with self.lock:
+            for w in self.workers.values():
+                if w.pod.metadata.namespace == namespace and w.pod.metadata.name == pod:
+                    return w.dir / f"{container}.log"
+        # A pod that has finished: its newest log folder.
+        found = sorted(
+            self.state_dir.glob(f"pods/{namespace}_{pod}_*/{container}.log"),
+            key=lambda p: p.stat().st_mtime,
+        )
+        return found[-1] if found else None
+
+    def alive(self, namespace: str, pod: str) -> bool:
+        with self.lock:
+            return (
+                any(
+                    w.pod.metadata.namespace == namespace and w.pod.metadata.name == pod
+                    for w in self.workers.values()
+                )
+                and not self.stop.is_set()
+            )
 
     def forget(self, worker: PodWorker) -> None:
         with self.lock:

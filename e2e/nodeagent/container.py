@@ -97,8 +97,6 @@ class Container:
         workdir = Path(self.spec.working_dir) if self.spec.working_dir else cwd
         workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
-            out.write(f"=== {rfc3339()} start #{self.restart_count}: {argv}\n".encode())
-            out.flush()
             self.proc = subprocess.Popen(
                 argv,
                 env=env,

@@ -62,7 +62,7 @@ def conditions(heartbeat: str, transition: bool = True) -> list[dict]:
     ]
 
 
-def node_manifest(name: str, gpus: int, kubelet_version: str) -> dict:
+def node_manifest(name: str, gpus: int, kubelet_version: str, kubelet_port: int = 0) -> dict:
     capacity = {
         "cpu": str(os.cpu_count() or 1),
         "memory": _memory(),
@@ -89,12 +89,9 @@ def node_manifest(name: str, gpus: int, kubelet_version: str) -> dict:
         "status": {
             "capacity": capacity,
             "allocatable": dict(capacity),
-            "addresses": [
-                {"type": "InternalIP", "address": "127.0.0.1"},
-                {"type": "Hostname", "address": name},
-            ],
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
             "conditions": conditions(stamp),
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
             "nodeInfo": {
                 "machineID": name,
                 "systemUUID": name,
@@ -122,16 +119,18 @@ class NodeKeeper(threading.Thread):
         kubelet_version: str,
         stop: threading.Event,
         period: float = 10.0,
+        kubelet_port: int = 0,
     ) -> None:
         super().__init__(name="node-keeper", daemon=True)
         self.core = client.CoreV1Api(api)
         self.coord = client.CoordinationV1Api(api)
         self.names, self.gpus, self.version = names, gpus, kubelet_version
         self.stop, self.period = stop, period
+        self.kubelet_port = kubelet_port
 
     def register(self) -> None:
         for name in self.names:
-            body = node_manifest(name, self.gpus, self.version)
+            body = node_manifest(name, self.gpus, self.version, self.kubelet_port)
             try:
                 self.core.create_node(body)
                 log.info("registered node %s with %d GPUs", name, self.gpus)

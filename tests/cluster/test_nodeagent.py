@@ -262,6 +262,8 @@ def test_delete_sends_sigterm_and_finalizes(local: Kube, namespace: str) -> None
     pid = int(st["status"]["containerStatuses"][0]["containerID"].removeprefix("local://"))
     logs = list((local.local.state / "agent" / "pods").glob(f"{namespace}_trap_*/trap.log"))
     wait_for(lambda: "waiting" in logs[0].read_text(), 10, "the trap process to start")
+    # kubectl logs goes through the API server to the agent's kubelet API on 127.0.0.1.
+    assert local.kubectl("logs", "trap", "-n", namespace).stdout == "waiting\n"
     start = time.monotonic()
     local.kubectl("delete", "pod", "trap", "-n", namespace, "--wait=true", "--timeout=30s")
     assert time.monotonic() - start < 15, "a process that exits on SIGTERM is not waited for"
