@@ -8,6 +8,7 @@ import sys
 
 from .controlplane import ClusterError, ControlPlane
 from .paths import Bins
+from .testing import kwok_node
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     logs = sub.add_parser("logs", help="print the tail of a component's log")
     logs.add_argument("component")
     logs.add_argument("-n", "--lines", type=int, default=100)
+    kw = sub.add_parser("kwok-nodes", help="create N fake GPU nodes that kwok keeps Ready")
+    kw.add_argument("count", type=int)
+    kw.add_argument("--gpus", type=int, default=8, help="nvidia.com/gpu capacity per node")
+    kw.add_argument("--prefix", default="kwok-gpu-", help="nodes are named <prefix><i>")
     args = ap.parse_args(argv)
 
     cp = ControlPlane()
@@ -51,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
             print(cp.kubeconfig(args.user))
         elif args.cmd == "kubectl":
             print(Bins.default().kubectl)
+        elif args.cmd == "kwok-nodes":
+            nodes = [kwok_node(f"{args.prefix}{i}", args.gpus) for i in range(args.count)]
+            body = {"apiVersion": "v1", "kind": "List", "items": nodes}
+            cp.kubectl("apply", "-f", "-", input=json.dumps(body))
+            print(f"{args.count} kwok nodes with {args.gpus} GPUs each", file=sys.stderr)
         elif args.cmd == "logs":
             from .controlplane import tail
 

@@ -17,6 +17,7 @@ from e2e.cluster.testing import Kube, namespace_prefix, new_namespace, session_c
 CRDS = REPO / "crds"
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:
