@@ -93,6 +93,7 @@ def _details(r: Result, seed: int | None, runtime: Runtime, with_tokens: bool) -
         "generated_tokens": r.completion_tokens,
         "seed": seed,
         "input_length": r.prompt_tokens,
+        "prompt_tokens": r.prompt_tokens,  # LoRAX's client requires this name
     }
     if with_tokens:
         details["prefill"] = []
@@ -128,8 +129,10 @@ def _generate_stream(request: Request, body: GenerateRequest) -> StreamingRespon
     runtime, stream = _start(request, body)
 
     async def events() -> AsyncIterator[str]:
+        # TGI puts the last token and the whole text in one final event, so each token event
+        # is held back by one until we know whether it is the last.
         result = Result()
-        index = 0
+        pending: dict[str, Any] | None = None
         try:
             async for out in stream:
                 try:
@@ -137,30 +140,31 @@ def _generate_stream(request: Request, body: GenerateRequest) -> StreamingRespon
                 except APIError as e:
                     yield f"data:{json.dumps({'error': e.message, 'error_type': 'generation'})}\n\n"
                     return
-                if out.token_id is None and not out.finished:
-                    continue
-                index += 1
-                if out.finished:
-                    last = result.tokens[-1] if result.tokens else (0, "", 0.0)
-                    text = result.text
-                    if body.parameters.return_full_text:
-                        text = body.inputs + text
-                    event = {
-                        "index": index,
-                        "token": _token((last[0], "", last[2]), runtime),
-                        "generated_text": text,
-                        "top_tokens": None,
-                        "details": _details(result, body.parameters.seed, runtime, False),
-                    }
-                else:
-                    event = {
-                        "index": index,
-                        "token": _token(result.tokens[-1], runtime),
+                if out.token_id is not None:
+                    if pending is not None:
+                        yield f"data:{json.dumps(pending)}\n\n"
+                    pending = {
+                        "index": len(result.tokens),
                         "generated_text": None,
+                        "token": _token(result.tokens[-1], runtime),
                         "top_tokens": None,
                         "details": None,
                     }
-                yield f"data:{json.dumps(event)}\n\n"
+                elif out.text and pending is not None:  # text flushed at end of sequence
+                    pending["token"]["text"] += out.text
+                if out.finished:
+                    if pending is None:
+                        pending = {
+                            "index": 0,
+                            "token": _token((0, "", 0.0), runtime),
+                            "top_tokens": None,
+                        }
+                    text = result.text
+                    if body.parameters.return_full_text:
+                        text = body.inputs + text
+                    pending["generated_text"] = text
+                    pending["details"] = _details(result, body.parameters.seed, runtime, False)
+                    yield f"data:{json.dumps(pending)}\n\n"
         finally:
             stream.abort()
 
