@@ -200,6 +200,8 @@ def namespace_prefix(nodeid: str) -> str:
 
 
 KWOK_ANNOTATION = {"kwok.x-k8s.io/node": "fake"}
+KWOK_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}
+KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
 
 
 def kwok_node(name: str, gpus: int = 8) -> dict:
@@ -221,6 +223,8 @@ def kwok_node(name: str, gpus: int = 8) -> dict:
                 "nvidia.com/gpu.present": "true",
             },
         },
+        # Only pods that tolerate this land here: a pod meant to really run never does.
+        "spec": {"taints": [KWOK_TAINT]},
         # Status is kept on create; kwok's node-initialize stage copies it forward.
         "status": {
             "capacity": capacity,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from e2e.cluster.testing import Kube, kwok_nodes, wait_for
+from e2e.cluster.testing import KWOK_TOLERATION, Kube, kwok_nodes, wait_for
 
 
 def test_fifty_gpu_replicas_run_on_kwok_nodes(kube: Kube, namespace: str) -> None:
@@ -25,6 +25,7 @@ def test_fifty_gpu_replicas_run_on_kwok_nodes(kube: Kube, namespace: str) -> Non
                 "metadata": {"labels": labels},
                 "spec": {
                     "nodeSelector": {"type": "kwok"},
+                    "tolerations": [KWOK_TOLERATION],
                     "containers": [
                         {
                             "name": "runtime",

@@ -20,6 +20,8 @@ def local(kube: Kube) -> Kube:
     return kube
 
 
+# Pods of these tests must really run: on the agent's nodes, never on a kwok node.
+ON_AGENT = {"loraplane.io/node-agent": "true"}
 POD_IP = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 
 
@@ -34,13 +36,20 @@ def deployment(name: str, replicas: int, container: dict, **pod_spec) -> dict:
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {"containers": [container], "terminationGracePeriodSeconds": 5, **pod_spec},
+                "spec": {
+                    "containers": [container],
+                    "terminationGracePeriodSeconds": 5,
+                    "nodeSelector": ON_AGENT,
+                    **pod_spec,
+                },
             },
         },
     }
 
 
 def create(kube: Kube, ns: str, obj: dict) -> None:
+    if obj["kind"] == "Pod":
+        obj = dict(obj, spec=dict(obj["spec"], nodeSelector=ON_AGENT))
     kube.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(obj))
 
 
@@ -289,3 +298,53 @@ def test_loopback_addresses_route_locally() -> None:
         with socket.create_connection(("127.5.7.9", port), timeout=2):
             pass
     assert os.uname().sysname == "Linux"
+
+
+def test_probes_gate_readiness_and_liveness_restarts(local: Kube, namespace: str) -> None:
+    server = ["python3", "-m", "http.server", "--bind", "$(POD_IP)", "8080"]
+    probe = {"periodSeconds": 1, "timeoutSeconds": 1}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "probed"},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [
+                {
+                    "name": "ok",
+                    "image": "ignored",
+                    "command": server,
+                    "env": [POD_IP],
+                    "startupProbe": {"tcpSocket": {"port": 8080}, **probe},
+                    "readinessProbe": {"exec": {"command": ["test", "-n", "$(POD_IP)"]}, **probe},
+                },
+            ],
+        },
+    }
+    create(local, namespace, pod)
+    wait_for(
+        lambda: ready(local.get_json("pod", "probed", "-n", namespace)), 30, "pod/probed Ready"
+    )
+    # A liveness probe on a path that 404s fails twice, and the container is restarted.
+    sick = dict(pod, metadata={"name": "sick"})
+    sick["spec"] = dict(
+        pod["spec"],
+        containers=[
+            dict(
+                pod["spec"]["containers"][0],
+                name="sick",
+                livenessProbe={
+                    "httpGet": {"path": "/nope", "port": 8080},
+                    "failureThreshold": 2,
+                    **probe,
+                },
+            )
+        ],
+    )
+    create(local, namespace, sick)
+
+    def restarted() -> bool:
+        statuses = local.get_json("pod", "sick", "-n", namespace)["status"].get("containerStatuses")
+        return bool(statuses) and statuses[0]["restartCount"] >= 1
+
+    wait_for(restarted, 30, "a liveness-probe restart of pod/sick")
