@@ -25,13 +25,14 @@ case "$mode" in
     run "$PY" -m pytest -q -p no:cacheprovider tests/runtime/test_kernels.py
     run "$PY" bench/kernels.py
     run "$PY" bench/decode.py
-    # bench/serve.py (the HTTP server, issue 5) goes here.
+    run "$PY" bench/serve.py
     ;;
   --cpu)
     export TRITON_INTERPRET=1
     run "$PY" -m pytest -q -p no:cacheprovider tests/runtime/test_kernels.py
     run "$PY" bench/kernels.py --cpu --tiny
     run "$PY" bench/decode.py --cpu --tiny
+    run "$PY" bench/serve.py --cpu --tiny
     ;;
   *)
     echo "usage: $0 --gpu|--cpu" >&2

@@ -1,0 +1,47 @@
+"""Incremental detokenization: stop strings across token boundaries, held-back partial chars."""
+
+from __future__ import annotations
+
+from loraplane.runtime.detokenizer import Detokenizer
+from loraplane.runtime.sampling import SamplingParams
+from loraplane.runtime.sequence import Sequence
+
+
+class Chars:
+    """A tokenizer whose tokens are strings, to place boundaries exactly where a test wants."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+
+def feed(pieces: list[str], stop: tuple[str, ...] = ()) -> tuple[list[str], Sequence]:
+    detok = Detokenizer(Chars(pieces))
+    s = Sequence([0], SamplingParams(max_tokens=50, stop=stop))
+    deltas = []
+    for i in range(len(pieces)):
+        s.output_ids.append(i)
+        deltas.append(detok.update(s, final=i == len(pieces) - 1))
+        if s.stop_hit:
+            break
+    return deltas, s
+
+
+def test_stop_string_split_across_tokens_is_cut():
+    deltas, s = feed(["hello ", "wo", "rld", " again"], stop=("world",))
+    assert s.stop_hit == "world" and s.text == "hello "
+    assert "".join(deltas) == "hello "
+
+
+def test_partial_characters_are_held_back_until_complete_or_final():
+    deltas, s = feed(["a", "\ufffd", "b"])
+    assert deltas == ["a", "", "\ufffdb"]
+    deltas, s = feed(["a", "\ufffd"])
+    assert deltas == ["a", "\ufffd"] and s.text == "a\ufffd"
+
+
+def test_a_tail_that_may_start_a_stop_string_is_held_then_released():
+    deltas, s = feed(["hello ", "wo", "rk", " done"], stop=("world",))
+    assert deltas == ["hello ", "", "work", " done"] and s.stop_hit is None
