@@ -56,6 +56,8 @@ def peft_logits(base_dir, adapters, ids, mask) -> torch.Tensor:
 def our_logits(base_dir, adapters, ids, mask, backend: str) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(str(base_dir)).eval()
     slots = inject_lora(model, ALL_TARGETS, max_slots=6, max_rank=16, backend=backend)
+    # q/k/v and gate/up of every layer share one shrink launch on the kernel path.
+    assert len(slots.groups) == 2 * model.config.num_hidden_layers
     slot_of = {}
     for slot, name in zip([4, 0, 2, 5], adapters, strict=True):  # slot ids need not be dense
         slots.load(slot, read_peft_adapter(adapters[name]))

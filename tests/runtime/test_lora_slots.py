@@ -185,3 +185,29 @@ def test_host_batch_without_adapters_skips_lora():
     slots = inject_lora(model, ["q_proj"], max_slots=2, max_rank=4)
     slots.set_batch(torch.tensor([-1, -1, -1]))
     assert slots.batch is not None and slots.batch.no_adapter
+
+
+def test_siblings_share_one_shrink_launch(lora_models, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from loraplane.runtime.kernels import lora_shrink
+    from loraplane.runtime.lora import group, layer
+    from loraplane.runtime.tiny import ALL_TARGETS
+
+    base_dir, adapters = lora_models("llama")
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir)).eval()
+    slots = inject_lora(model, ALL_TARGETS, max_slots=2, max_rank=16, backend="triton")
+    slots.load(1, read_peft_adapter(adapters["all16"]))
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return lora_shrink(*args, **kwargs)
+
+    monkeypatch.setattr(group, "lora_shrink", counting)
+    monkeypatch.setattr(layer, "lora_shrink", counting)
+    with torch.inference_mode():
+        slots.set_batch(torch.tensor([1, 1, -1]))
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+    # Per layer: q/k/v together, o, gate/up together, down.
+    assert len(calls) == 4 * model.config.num_hidden_layers, calls

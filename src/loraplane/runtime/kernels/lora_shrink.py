@@ -6,6 +6,9 @@ sums. Rank slices past the slot's true rank exit at once, so only the real rank 
 without a slot (padding programs, tokens without adapter) exit at once too. Decode batches
 (one token per sequence, many slots) use the same kernel with small tiles: the cost is
 reading A, which split-K spreads across the GPU.
+
+Projections that read the same input (q/k/v, gate/up) can share one launch: their A slots
+are stacked along the rank axis, `group_rows` apart, each with its own rank per slot.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def _lora_shrink_kernel(
     tile_end_ptr,
     d_in,
     k_per_split,
+    group_rows,
+    stride_rg,
     stride_xm,
     stride_xk,
     stride_as,
@@ -51,9 +56,11 @@ def _lora_shrink_kernel(
     slot = tl.load(tile_slot_ptr + tile)
     if slot < 0:
         return
-    rank = tl.load(ranks_ptr + slot)
-    r0 = pid_r * BLOCK_R
-    if r0 >= rank:
+    r0 = pid_r * BLOCK_R  # first row of this program in the stacked A
+    member = r0 // group_rows  # which projection of a shared-input group
+    local = r0 - member * group_rows
+    rank = tl.load(ranks_ptr + member * stride_rg + slot)
+    if local >= rank:
         return
     start = tl.load(tile_start_ptr + tile)
     end = tl.load(tile_end_ptr + tile)
@@ -61,7 +68,7 @@ def _lora_shrink_kernel(
     m_mask = rows < end
     tokens = tl.load(sorted_ptr + rows, mask=m_mask, other=0).to(tl.int64)
     offs_r = r0 + tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
+    r_mask = local + tl.arange(0, BLOCK_R) < rank
     a_base = a_ptr + slot.to(tl.int64) * stride_as
     k_begin = split * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, d_in)
@@ -109,18 +116,27 @@ def lora_shrink(
     split_k: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Partial sums [split_k, tokens, r_max] fp32; defined only at [:, t, :rank] of tokens with a slot."""
-    # x: [tokens, d_in]  a: [slots, r_max, d_in]  ranks: [slots] int32
+    """Partial sums [split_k, tokens, rows] fp32, defined only at [:, t, :rank] of tokens with a slot.
+
+    ranks [slots] for one projection; ranks [members, slots] for a shared-input group whose
+    A rows are member-major, rows // members apart (a multiple of BLOCK_R).
+    """
+    # x: [tokens, d_in]  a: [slots, rows, d_in]  ranks: [slots] or [members, slots] int32
     assert x.dim() == 2 and a.dim() == 3, (x.shape, a.shape)
     num_tokens, d_in = x.shape
     num_slots, r_max, a_d_in = a.shape
+    ranks2 = ranks.view(1, -1) if ranks.dim() == 1 else ranks
+    members = ranks2.shape[0]
+    group_rows = r_max // members
+    assert r_max % members == 0 and (members == 1 or group_rows % BLOCK_R == 0), (r_max, members)
     assert a_d_in == d_in, f"A has d_in {a_d_in}, x has {d_in}"
     assert x.dtype == a.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32), (
         x.dtype,
         a.dtype,
     )
     assert x.device == a.device == ranks.device == tiles.tile_slot.device
-    assert ranks.shape == (num_slots,) and ranks.dtype == torch.int32, (ranks.shape, ranks.dtype)
+    assert ranks2.shape == (members, num_slots) and ranks.dtype == torch.int32, ranks.shape
+    assert ranks2.stride(1) == 1, ranks2.stride()
     assert tiles.num_tokens == num_tokens and tiles.num_slots == num_slots, (tiles, x.shape)
     assert x.stride(1) == 1 and a.stride(2) == 1, "x and A need a contiguous last dim"
     split_k = split_k or choose_split_k(tiles, d_in, r_max)
@@ -142,6 +158,8 @@ def lora_shrink(
         tiles.tile_end,
         d_in,
         k_per_split,
+        group_rows,
+        ranks2.stride(0),
         x.stride(0),
         x.stride(1),
         a.stride(0),

@@ -12,6 +12,7 @@ from loraplane.runtime.kernels.lora_shrink import lora_shrink, lora_shrink_ref
 from loraplane.runtime.lora.weights import LoraModuleWeights
 
 if TYPE_CHECKING:
+    from loraplane.runtime.lora.group import SharedInputGroup
     from loraplane.runtime.lora.slots import LoraSlots
 
 
@@ -20,6 +21,8 @@ class LoraLinear(nn.Module):
     lora_b: torch.Tensor  # [slots, d_out, r_max]
     ranks: torch.Tensor  # [slots] int32, 0 = this slot's adapter does not target this module
     scales: torch.Tensor  # [slots] fp32
+    group: SharedInputGroup | None  # set when siblings share the shrink (lora/group.py)
+    group_cols: slice  # this layer's columns of the group's shrink output
 
     def __init__(
         self,
@@ -45,6 +48,8 @@ class LoraLinear(nn.Module):
         self.register_buffer(
             "scales", torch.zeros(s, dtype=torch.float32, device=device), persistent=False
         )
+        self.group = None
+        self.group_cols = slice(None)
 
     # The wrapped layer still looks like a Linear to code that inspects it.
     @property
@@ -107,7 +112,10 @@ class LoraLinear(nn.Module):
             )
         y2 = y.view(-1, self.out_features)
         if batch.tiles is not None:
-            h = lora_shrink(x2.contiguous(), self.lora_a, self.ranks, batch.tiles)
+            if self.group is not None:
+                h = self.group.shrink(x, x2, batch)[:, :, self.group_cols]
+            else:
+                h = lora_shrink(x2.contiguous(), self.lora_a, self.ranks, batch.tiles)
             lora_expand(y2, h, self.lora_b, self.ranks, self.scales, batch.tiles)
         else:
             ts = batch.token_slots

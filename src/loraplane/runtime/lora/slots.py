@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from loraplane.runtime.lora.batch import LoraBatch, make_batch
+from loraplane.runtime.lora.group import SHARED_INPUT, SharedInputGroup
 from loraplane.runtime.lora.layer import LoraLinear
 from loraplane.runtime.lora.weights import AdapterWeights
 
@@ -26,6 +27,7 @@ class LoraSlots:
         self.backend = backend
         self.layers: dict[str, LoraLinear] = {}  # path in the model → layer
         self.other_linears: set[str] = set()  # base Linears left unwrapped, for error messages
+        self.groups: list[SharedInputGroup] = []
         self.batch: LoraBatch | None = None
         self.device = torch.device("cpu")
 
@@ -74,10 +76,29 @@ class LoraSlots:
         skip LoRA altogether; a device tensor is trusted and never synchronised, so the step
         (this call included) can be captured in a CUDA graph.
         """
+        self.clear_batch()
         self.batch = make_batch(token_slots, self.max_slots, self.device, self.use_kernels)
 
     def clear_batch(self) -> None:
         self.batch = None
+        for group in self.groups:
+            group.forget()
+
+    def group_siblings(self) -> None:
+        """Let projections that read one input (q/k/v, gate/up) share a shrink launch."""
+        for names in SHARED_INPUT:
+            parents: dict[str, list[LoraLinear]] = {}
+            for path, layer in self.layers.items():
+                parent, short = path.rsplit(".", 1) if "." in path else ("", path)
+                if short in names and layer.group is None:
+                    parents.setdefault(parent, []).append(layer)
+            for members in parents.values():
+                first = members[0]
+                if len(members) > 1 and all(
+                    m.in_features == first.in_features and m.lora_a.dtype == first.lora_a.dtype
+                    for m in members
+                ):
+                    self.groups.append(SharedInputGroup(members))
 
 
 def inject_lora(
@@ -111,6 +132,7 @@ def inject_lora(
         setattr(parent, short, layer)
         slots.add(layer)
         found.add(short)
+    slots.group_siblings()
     missing = targets - found
     if missing:
         raise ValueError(
