@@ -143,3 +143,28 @@ def test_https_source_files_and_archives(tmp_path, poet, http_root):
     (root / "broken.tar.gz").write_bytes(b"not a tarball")
     with pytest.raises(SourceNotFound, match="archive"):
         fetcher.fetch(f"{url}/broken.tar.gz")
+
+
+def test_base_model_from_a_source_uri(tmp_path, demo_dir):  # noqa: F811
+    from loraplane.runtime.config import RuntimeConfig
+    from loraplane.runtime.runtime import Runtime
+
+    base, _ = demo_dir
+    memory = fsspec.filesystem("memory")
+    for f in base.iterdir():
+        memory.pipe(f"/models/tiny-base/{f.name}", f.read_bytes())
+    config = RuntimeConfig(
+        model="s3://models/tiny-base", cache_dir=tmp_path / "c", pvc_root=tmp_path / "pvc"
+    )
+    fetcher = Fetcher(config.cache_dir, config.pvc_root, filesystem=lambda _: memory)
+    runtime = Runtime(config, fetcher=fetcher)
+    try:
+        assert runtime.base_name == "tiny-base"
+        assert runtime.model_dir.is_relative_to(tmp_path / "c")
+        assert {p.name for p in runtime.model_dir.iterdir()} >= {
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+        }
+    finally:
+        runtime.stop()

@@ -8,6 +8,7 @@ through an inbox, so the scheduler's state is only ever touched by that thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -61,7 +62,9 @@ class RequestStream:
         self.done = False
 
     def push(self, out: Output) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        # A closed loop raises RuntimeError: nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
 
     def __aiter__(self) -> RequestStream:
         return self

@@ -1,0 +1,121 @@
+"""The runtime as a process: the command line, and a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from server_fixtures import demo_dir  # noqa: F401
+
+from loraplane.runtime.__main__ import parse_args
+
+
+def test_command_line_builds_one_config(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    config = parse_args(
+        [
+            "--model",
+            "hf://org/base@main",
+            "--max-adapters",
+            "3",
+            "--adapter",
+            "a=/x",
+            "--adapter",
+            "b=s3://bucket/b",
+            "--device",
+            "cpu",
+            "--admin-token-file",
+            str(token_file),
+        ],
+        environ={"LORAPLANE_ADMIN_TOKEN": "from-env", "HF_TOKEN": "hf-secret"},
+    )
+    assert config.adapters == {"a": "/x", "b": "s3://bucket/b"}
+    assert config.admin_token == "from-file" and config.hf_token == "hf-secret"
+    assert config.max_adapters == 3 and config.dtype == "float32"
+    env_only = parse_args(
+        ["--model", "/m", "--device", "cpu"], environ={"LORAPLANE_ADMIN_TOKEN": "from-env"}
+    )
+    assert env_only.admin_token == "from-env"
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "/m", "--adapter", "no-equals"], environ={})
+    with pytest.raises(ValueError, match="max-adapters"):
+        parse_args(["--model", "/m", "--device", "cpu", "--max-adapters", "0"], environ={})
+
+
+def test_sigterm_finishes_running_requests_then_exits_zero(demo_dir, tmp_path):  # noqa: F811
+    base, adapters = demo_dir
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loraplane.runtime",
+            "--model",
+            str(base),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--adapter",
+            f"poet={adapters['poet']}",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--shutdown-timeout",
+            "60",
+            "--log-level",
+            "warning",
+        ],
+        env=os.environ | {"LORAPLANE_ADMIN_TOKEN": "t"},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("runtime not ready in 60 s")
+        body = {
+            "model": "poet",
+            "prompt": "hello",
+            "max_tokens": 150,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        chunks: list[str] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    started.set()
+                    if line:
+                        chunks.append(line)
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        reader.join(timeout=120)
+        assert proc.wait(timeout=60) == 0
+        data = [json.loads(c[6:]) for c in chunks if c.startswith("data: {")]
+        assert chunks[-1] == "data: [DONE]" and data[-1]["choices"][0]["finish_reason"] == "length"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
