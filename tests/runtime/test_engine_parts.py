@@ -140,13 +140,15 @@ def test_attention_context_for_mixed_prefill_and_decode():
     assert ctx.positions.tolist() == [0, 1, 2, 5]
     assert ctx.slot_mapping.tolist() == [0, 1, 2, 9]
     assert ctx.logits_index.tolist() == [2, 3]
-    assert ctx.kv_index[1].tolist() == [4, 5, 6, 7, 8, 9]
-    # Causal for the prefill; the decode token sees its whole context.
-    assert ctx.mask[0, 0, :, :3].tolist() == [
+    decode, prefill = ctx.groups  # decodes are never padded to a prefill's length
+    assert decode.q_index.shape == (1, 1) and decode.token_index.tolist() == [3]
+    assert decode.kv_index[0].tolist() == [4, 5, 6, 7, 8, 9]
+    assert decode.mask[0, 0, 0].tolist() == [True] * 6
+    assert prefill.token_index.tolist() == [0, 1, 2]
+    assert prefill.mask[0, 0].tolist() == [
         [True, False, False],
         [True, True, False],
         [True, True, True],
     ]
-    assert ctx.mask[1, 0, 0].tolist() == [True] * 6
     windowed = AttentionContext.build([1], [6], [[0, 1]], block_size=4, sliding_window=2)
-    assert windowed.mask[0, 0, 0].tolist() == [False] * 4 + [True, True]
+    assert windowed.groups[0].mask[0, 0, 0].tolist() == [False] * 4 + [True, True]

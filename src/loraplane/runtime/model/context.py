@@ -1,8 +1,9 @@
 """Per-step attention metadata, computed once by the model runner and shared by all layers.
 
 The batch is flat: the tokens of every sequence laid end to end, prefill chunks and single
-decode tokens alike. Attention runs padded per sequence, so one SDPA call serves the whole
-mixed batch; `q_valid` undoes the padding in the same token order.
+decode tokens alike. Attention runs padded per sequence in two groups, decodes (one query
+each) and prefills, so one long prompt never pads every decode to its length; each group's
+`token_index` puts its outputs back in flat order.
 """
 
 from __future__ import annotations
@@ -13,14 +14,20 @@ import torch
 
 
 @dataclass
-class AttentionContext:
-    positions: torch.Tensor  # [tokens] position of each token in its sequence
-    slot_mapping: torch.Tensor  # [tokens] flat KV-cache index each token's k/v is written to
+class AttentionGroup:
+    token_index: torch.Tensor  # [group tokens] flat index of each valid query, row-major
     q_index: torch.Tensor  # [seqs, q_max] index into the flat tokens (0 where padded)
     q_valid: torch.Tensor  # [seqs, q_max] bool, False on padding
     kv_index: torch.Tensor  # [seqs, ctx_max] flat KV-cache index of each context position
     mask: torch.Tensor  # [seqs, 1, q_max, ctx_max] bool, True where attention is allowed
+
+
+@dataclass
+class AttentionContext:
+    positions: torch.Tensor  # [tokens] position of each token in its sequence
+    slot_mapping: torch.Tensor  # [tokens] flat KV-cache index each token's k/v is written to
     logits_index: torch.Tensor  # [seqs] flat index of each sequence's last token
+    groups: list[AttentionGroup]
 
     @classmethod
     def build(
@@ -34,39 +41,76 @@ class AttentionContext:
     ) -> AttentionContext:
         """Metadata for sequences whose last query_lens[i] of context_lens[i] tokens are new."""
         assert len(query_lens) == len(context_lens) == len(block_tables)
-        n, q_max, ctx_max = len(query_lens), max(query_lens), max(context_lens)
+        assert all(0 < q <= c for q, c in zip(query_lens, context_lens, strict=True))
+        for table, c in zip(block_tables, context_lens, strict=True):
+            assert len(table) * block_size >= c, "block table too short for its context"
         ql = torch.tensor(query_lens)
-        cl = torch.tensor(context_lens)
         starts = torch.cumsum(ql, 0) - ql
-        j = torch.arange(q_max)
-        q_valid = j[None, :] < ql[:, None]
-        q_index = torch.where(q_valid, starts[:, None] + j[None, :], 0)
-        # Position of query j of sequence i is ctx_len - q_len + j.
-        q_pos = (cl - ql)[:, None] + j[None, :]
-        c = torch.arange(ctx_max)
-        table = torch.zeros(n, max(len(t) for t in block_tables), dtype=torch.long)
-        for i, t in enumerate(block_tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        needed = (cl + block_size - 1) // block_size
-        assert bool((torch.tensor([len(t) for t in block_tables]) >= needed).all())
-        block_of_c = (c // block_size).clamp(max=table.shape[1] - 1)
-        kv_index = table[:, block_of_c] * block_size + (c % block_size)[None, :]
-        kv_valid = c[None, :] < cl[:, None]
-        kv_index = torch.where(kv_valid, kv_index, 0)
-        mask = kv_valid[:, None, :] & (c[None, None, :] <= q_pos[:, :, None])
-        if sliding_window is not None:
-            mask &= q_pos[:, :, None] - c[None, None, :] < sliding_window
-        # Padded query rows would otherwise attend to nothing and produce NaN.
-        mask |= ~q_valid[:, :, None] & (c[None, None, :] == 0)
-        positions = q_pos[q_valid]
-        slot_mapping = kv_index.gather(1, q_pos.clamp(max=ctx_max - 1))[q_valid]
-        logits_index = starts + ql - 1
+        positions, slots = [], []
+        for i, (q, c) in enumerate(zip(query_lens, context_lens, strict=True)):
+            pos = torch.arange(c - q, c)
+            table = torch.tensor(block_tables[i], dtype=torch.long)
+            positions.append(pos)
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+        groups = []
+        for decode in (True, False):
+            members = [i for i, q in enumerate(query_lens) if (q == 1) == decode]
+            if members:
+                groups.append(
+                    _group(
+                        members,
+                        query_lens,
+                        context_lens,
+                        block_tables,
+                        starts,
+                        block_size,
+                        sliding_window,
+                        device,
+                    )
+                )
         return cls(
-            positions=positions.to(device),
-            slot_mapping=slot_mapping.to(device),
-            q_index=q_index.to(device),
-            q_valid=q_valid.to(device),
-            kv_index=kv_index.to(device),
-            mask=mask[:, None].to(device),
-            logits_index=logits_index.to(device),
+            positions=torch.cat(positions).to(device),
+            slot_mapping=torch.cat(slots).to(device),
+            logits_index=(starts + ql - 1).to(device),
+            groups=groups,
         )
+
+
+def _group(
+    members: list[int],
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    starts: torch.Tensor,
+    block_size: int,
+    sliding_window: int | None,
+    device: torch.device | str,
+) -> AttentionGroup:
+    ql = torch.tensor([query_lens[i] for i in members])
+    cl = torch.tensor([context_lens[i] for i in members])
+    st = starts[members]
+    n, q_max, ctx_max = len(members), int(ql.max()), int(cl.max())
+    j = torch.arange(q_max)
+    q_valid = j[None, :] < ql[:, None]
+    q_index = torch.where(q_valid, st[:, None] + j[None, :], 0)
+    q_pos = (cl - ql)[:, None] + j[None, :]  # query j of a sequence sits at ctx - q + j
+    c = torch.arange(ctx_max)
+    width = max(len(block_tables[i]) for i in members)
+    table = torch.zeros(n, width, dtype=torch.long)
+    for row, i in enumerate(members):
+        table[row, : len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.long)
+    block_of_c = (c // block_size).clamp(max=width - 1)
+    kv_valid = c[None, :] < cl[:, None]
+    kv_index = torch.where(kv_valid, table[:, block_of_c] * block_size + c % block_size, 0)
+    mask = kv_valid[:, None, :] & (c[None, None, :] <= q_pos[:, :, None])
+    if sliding_window is not None:
+        mask &= q_pos[:, :, None] - c[None, None, :] < sliding_window
+    # Padded query rows would otherwise attend to nothing and produce NaN.
+    mask |= ~q_valid[:, :, None] & (c[None, None, :] == 0)
+    return AttentionGroup(
+        token_index=q_index[q_valid].to(device),
+        q_index=q_index.to(device),
+        q_valid=q_valid.to(device),
+        kv_index=kv_index.to(device),
+        mask=mask[:, None].to(device),
+    )

@@ -54,13 +54,15 @@ class Attention(nn.Module):
         assert self.k_cache.dim() == 3, "attach a KV cache before running the model"
         self.k_cache[ctx.slot_mapping] = k
         self.v_cache[ctx.slot_mapping] = v
-        qp = q[ctx.q_index].transpose(1, 2)  # [seqs, h, q_max, d]
-        kp = self.k_cache[ctx.kv_index].transpose(1, 2)  # [seqs, kv, ctx_max, d]
-        vp = self.v_cache[ctx.kv_index].transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            qp, kp, vp, attn_mask=ctx.mask, scale=self.scale, enable_gqa=h != kv
-        )
-        out = out.transpose(1, 2)[ctx.q_valid]  # [tokens, h, d]
+        out = torch.empty_like(q)  # [tokens, h, d]
+        for g in ctx.groups:
+            qp = q[g.q_index].transpose(1, 2)  # [seqs, h, q_max, d]
+            kp = self.k_cache[g.kv_index].transpose(1, 2)  # [seqs, kv, ctx_max, d]
+            vp = self.v_cache[g.kv_index].transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                qp, kp, vp, attn_mask=g.mask, scale=self.scale, enable_gqa=h != kv
+            )
+            out[g.token_index] = o.transpose(1, 2)[g.q_valid]
         return self.o_proj(out.reshape(t, h * d))
 
 
