@@ -49,9 +49,9 @@ class AttentionContext:
         positions, slots = [], []
         for i, (q, c) in enumerate(zip(query_lens, context_lens, strict=True)):
             pos = torch.arange(c - q, c)
-            table = torch.tensor(block_tables[i], dtype=torch.long)
+            blocks = torch.tensor(block_tables[i], dtype=torch.long)
             positions.append(pos)
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
+            slots.append(blocks[pos // block_size] * block_size + pos % block_size)
         groups = []
         for decode in (True, False):
             members = [i for i, q in enumerate(query_lens) if (q == 1) == decode]
