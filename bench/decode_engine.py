@@ -109,7 +109,8 @@ class Bench:
     def check(self) -> bool:
         """The timed step is a real decode step: it matches HF's forward, eager and in a graph."""
         ok = True
-        tol = 1e-4 if self.dtype == torch.float32 else 3e-2
+        # bf16: 32 layers of differently ordered roundings; a wrong rope or cache is O(1).
+        tol = 1e-4 if self.dtype == torch.float32 else 5e-2
         n = max(self.args.ns)
         ts = self.row_slots(n)
         ts[::3] = -1
@@ -235,7 +236,7 @@ class Bench:
         if peft_key in ms and f"N={self.args.peft_n}" in ms:
             speedup = ms[peft_key] / ms[f"N={self.args.peft_n}"]
             targets.append(
-                (f">= 10x PEFT at N={self.args.peft_n} (got {speedup:.1f}x)", speedup >= 10)
+                (f">= 10x PEFT at N={self.args.peft_n} (got {speedup:.2f}x)", speedup >= 10)
             )
         print()
         for what, ok in targets:

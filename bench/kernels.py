@@ -130,7 +130,7 @@ def table(size, slots, dtype, device, iters, choose_block_m) -> None:
     base_us *= 1e3 / reps
     print(f"\nbase GEMM [{tokens}x{d_in}]·[{d_in}x{d_out}]: {base_us:.1f} us")
     print(
-        f"{'rank':>4} {'r_max':>5} {'N':>4} {'lora us':>9} {'GB/s':>7} {'lora/base':>9} {'ideal':>7}"
+        f"{'rank':>4} {'r_max':>5} {'N':>4} {'lora us':>9} {'GB/s':>7} {'lora/base':>9} {'bytes+':>7}"
     )
 
     def row(label_n, n, rank, r_max, slots_of_tokens):
