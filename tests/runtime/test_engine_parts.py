@@ -152,3 +152,13 @@ def test_attention_context_for_mixed_prefill_and_decode():
     ]
     windowed = AttentionContext.build([1], [6], [[0, 1]], block_size=4, sliding_window=2)
     assert windowed.groups[0].mask[0, 0, 0].tolist() == [False] * 4 + [True, True]
+
+
+def test_base_model_names_match_across_spellings():
+    from loraplane.runtime.adapters.validation import base_matches
+
+    ours = {"llama", "hf://meta-llama/Llama-3-8B@main", "/models/llama"}
+    assert base_matches("meta-llama/Llama-3-8B", ours)
+    assert base_matches("/mnt/other/copy/Llama-3-8B/", ours)
+    assert base_matches(None, ours) and base_matches("anything", set())
+    assert not base_matches("mistralai/Mistral-7B", ours)

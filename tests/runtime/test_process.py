@@ -32,6 +32,8 @@ def test_command_line_builds_one_config(tmp_path):
             "b=s3://bucket/b",
             "--device",
             "cpu",
+            "--base-model-alias",
+            "org/x",
             "--admin-token-file",
             str(token_file),
         ],
@@ -40,6 +42,7 @@ def test_command_line_builds_one_config(tmp_path):
     assert config.adapters == {"a": "/x", "b": "s3://bucket/b"}
     assert config.admin_token == "from-file" and config.hf_token == "hf-secret"
     assert config.max_adapters == 3 and config.dtype == "float32"
+    assert config.base_model_aliases == ("org/x",)
     env_only = parse_args(
         ["--model", "/m", "--device", "cpu"], environ={"LORAPLANE_ADMIN_TOKEN": "from-env"}
     )

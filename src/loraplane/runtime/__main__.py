@@ -20,6 +20,13 @@ def parse_args(
     p = argparse.ArgumentParser(prog="loraplane-runtime", description=__doc__)
     p.add_argument("--model", required=True, help="local directory or source URI of the base")
     p.add_argument("--served-model-name", help="the model id clients send for the base")
+    p.add_argument(
+        "--base-model-alias",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name of the base (e.g. its hub id) for adapter checks",
+    )
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", choices=("cpu", "cuda"))
@@ -89,6 +96,7 @@ def parse_args(
     return RuntimeConfig(
         model=a.model,
         served_model_name=a.served_model_name,
+        base_model_aliases=tuple(a.base_model_alias),
         host=a.host,
         port=a.port,
         device=a.device,

@@ -14,6 +14,9 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class RuntimeConfig:
     model: str  # a local directory or a source URI (file://, pvc://, hf://, s3://)
     served_model_name: str | None = None
+    # Other names the base goes by (e.g. its hub id when served from a PVC copy), so adapters
+    # whose adapter_config.json names it pass the base-model check.
+    base_model_aliases: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "cpu"

@@ -28,7 +28,13 @@ class Runtime:
         self.metrics = Metrics()
         self.runner = ModelRunner(config, self.model_dir)
         facts = ModelFacts(
-            names={self.base_name, config.model, str(self.model_dir), self.model_dir.name},
+            names={
+                self.base_name,
+                config.model,
+                str(self.model_dir),
+                self.model_dir.name,
+                *config.base_model_aliases,
+            },
             modules=self.runner.linear_modules,
             lora_modules=self.runner.lora_modules,
         )
