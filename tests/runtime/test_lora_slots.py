@@ -108,15 +108,15 @@ class Block(nn.Module):
         return self.o_proj(self.q_proj(x))
 
 
-def adapter(modules: dict[str, tuple[int, float]], seed=0, d=None) -> AdapterWeights:
+def adapter(modules: dict[str, tuple[int, float]], seed=0, d=None, device="cpu") -> AdapterWeights:
     gen = torch.Generator().manual_seed(seed)
     shapes = d or {"q_proj": (12, 10), "o_proj": (10, 12)}
     mods = {}
     for path, (r, scaling) in modules.items():
         d_in, d_out = shapes[path.rsplit(".", 1)[-1]]
         mods[path] = LoraModuleWeights(
-            a=torch.randn(r, d_in, generator=gen),
-            b=torch.randn(d_out, r, generator=gen),
+            a=torch.randn(r, d_in, generator=gen).to(device),
+            b=torch.randn(d_out, r, generator=gen).to(device),
             scaling=scaling,
         )
     rank = max(m.rank for m in mods.values())
@@ -132,18 +132,22 @@ def manual(model: Block, x: torch.Tensor, ad: AdapterWeights | None) -> torch.Te
     return lin("o_proj", model.o_proj, lin("q_proj", model.q_proj, x))
 
 
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # else the interpreter
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_slots_load_clear_and_batch_shapes(backend):
     torch.manual_seed(0)
-    model = Block()
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    model = Block().to(device)
     slots = inject_lora(model, ["q_proj", "o_proj"], max_slots=3, max_rank=8, backend=backend)
     assert isinstance(model.q_proj, LoraLinear) and slots.module_names == {"q_proj", "o_proj"}
     assert model.q_proj.weight is model.q_proj.base.weight  # still looks like a Linear
-    both = adapter({"q_proj": (8, 0.5), "o_proj": (3, 2.0)}, seed=1)
-    only_q = adapter({"q_proj": (2, 4.0)}, seed=2)
+    both = adapter({"q_proj": (8, 0.5), "o_proj": (3, 2.0)}, seed=1, device=device)
+    only_q = adapter({"q_proj": (2, 4.0)}, seed=2, device=device)
     slots.load(0, both)
     slots.load(2, only_q)
-    x = torch.randn(3, 4, 12)  # HF-style [batch, seq, d]
+    x = torch.randn(3, 4, 12, device=device)  # HF-style [batch, seq, d]
     with torch.inference_mode():
         slots.set_batch(torch.tensor([0, -1, 2]).repeat_interleave(4))
         got = model(x)
@@ -195,7 +199,7 @@ def test_siblings_share_one_shrink_launch(lora_models, monkeypatch):
     from loraplane.runtime.tiny import ALL_TARGETS
 
     base_dir, adapters = lora_models("llama")
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir)).to(KERNEL_DEVICE).eval()
     slots = inject_lora(model, ALL_TARGETS, max_slots=2, max_rank=16, backend="triton")
     slots.load(1, read_peft_adapter(adapters["all16"]))
     calls = []
@@ -208,6 +212,6 @@ def test_siblings_share_one_shrink_launch(lora_models, monkeypatch):
     monkeypatch.setattr(layer, "lora_shrink", counting)
     with torch.inference_mode():
         slots.set_batch(torch.tensor([1, 1, -1]))
-        model(input_ids=torch.tensor([[5, 6, 7]]))
+        model(input_ids=torch.tensor([[5, 6, 7]], device=KERNEL_DEVICE))
     # Per layer: q/k/v together, o, gate/up together, down.
     assert len(calls) == 4 * model.config.num_hidden_layers, calls
