@@ -22,7 +22,9 @@ case "$mode" in
   --gpu)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     run "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/runtime
-    run "$PY" -m pytest -q -p no:cacheprovider tests/runtime/test_kernels.py
+    # The random-mix kernel tests and PEFT-exactness of the Triton path, now on CUDA.
+    run "$PY" -m pytest -q -p no:cacheprovider tests/runtime/test_kernels.py \
+      tests/runtime/test_lora_peft.py tests/runtime/test_lora_slots.py
     run "$PY" bench/kernels.py
     run "$PY" bench/decode.py
     run "$PY" bench/serve.py
