@@ -180,8 +180,10 @@ def test_slots_refuse_what_does_not_fit():
         slots.set_batch(torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="1-D integer"):
         slots.set_batch(torch.tensor([0.0]))
+    untouched = Block()
     with pytest.raises(ValueError, match=r"\['v_proj'\] match no nn.Linear"):
-        inject_lora(Block(), ["v_proj"], max_slots=2, max_rank=4)
+        inject_lora(untouched, ["q_proj", "v_proj"], max_slots=2, max_rank=4)
+    assert type(untouched.q_proj) is nn.Linear  # refused before anything was replaced
 
 
 def test_host_batch_without_adapters_skips_lora():

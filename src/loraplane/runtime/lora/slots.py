@@ -113,15 +113,17 @@ def inject_lora(
     """Replace every nn.Linear whose short name is in target_modules with a LoraLinear, in place."""
     targets = set(target_modules)
     slots = LoraSlots(max_slots, max_rank, backend)
-    found: set[str] = set()
-    for path, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
-            continue
-        short = path.rsplit(".", 1)[-1]
-        if short not in targets:
-            slots.other_linears.add(path)
-            continue
-        parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+    linears = {p: m for p, m in model.named_modules() if isinstance(m, nn.Linear)}
+    wrap = {p: m for p, m in linears.items() if p.rsplit(".", 1)[-1] in targets}
+    slots.other_linears = set(linears) - set(wrap)
+    missing = targets - {p.rsplit(".", 1)[-1] for p in wrap}
+    if missing:  # checked before anything is replaced: the model stays as it was
+        raise ValueError(
+            f"target modules {sorted(missing)} match no nn.Linear in the model "
+            f"(unwrapped Linears end in {sorted({p.rsplit('.', 1)[-1] for p in slots.other_linears})})"
+        )
+    for path, module in wrap.items():
+        parent, _, short = path.rpartition(".")
         layer = LoraLinear(
             module,
             path,
@@ -129,14 +131,7 @@ def inject_lora(
             dtype=dtype or module.weight.dtype,
             device=torch.device(device) if device is not None else module.weight.device,
         )
-        setattr(parent, short, layer)
+        setattr(model.get_submodule(parent), short, layer)
         slots.add(layer)
-        found.add(short)
     slots.group_siblings()
-    missing = targets - found
-    if missing:
-        raise ValueError(
-            f"target modules {sorted(missing)} match no nn.Linear in the model "
-            f"(unwrapped Linears end in {sorted({p.rsplit('.', 1)[-1] for p in slots.other_linears})})"
-        )
     return slots
