@@ -8,12 +8,10 @@ through an inbox, so the scheduler's state is only ever touched by that thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 from loraplane.runtime.adapters.manager import AdapterManager
@@ -22,63 +20,14 @@ from loraplane.runtime.config import RuntimeConfig
 from loraplane.runtime.detokenizer import Detokenizer
 from loraplane.runtime.metrics import Metrics
 from loraplane.runtime.model_runner import ModelRunner
+from loraplane.runtime.outputs import Output, QueueFull, RequestStream, ShuttingDown
 from loraplane.runtime.sampling import SamplingParams
 from loraplane.runtime.scheduler import Scheduler, Step
 from loraplane.runtime.sequence import Sequence, Status
 
 log = logging.getLogger(__name__)
 
-
-class QueueFull(Exception):
-    """The waiting queue is at --max-queue; the client should retry later (429)."""
-
-
-class ShuttingDown(Exception):
-    """The server is draining and takes no new requests (503)."""
-
-
-@dataclass
-class Output:
-    text: str  # new text since the previous Output
-    token_id: int | None
-    logprob: float = 0.0
-    finished: bool = False
-    finish_reason: str | None = None  # stop, length, abort, error
-    stop_hit: str | None = None
-    eos: bool = False  # finished because the model emitted end-of-sequence
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-
-
-class RequestStream:
-    """What a handler holds: the sequence (for abort) and its queue of Outputs."""
-
-    def __init__(self, engine: Engine, seq: Sequence, loop: asyncio.AbstractEventLoop) -> None:
-        self.engine = engine
-        self.seq = seq
-        self.loop = loop
-        self.queue: asyncio.Queue[Output] = asyncio.Queue()
-        self.done = False
-
-    def push(self, out: Output) -> None:
-        # A closed loop raises RuntimeError: nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> Output:
-        if self.done:
-            raise StopAsyncIteration
-        out = await self.queue.get()
-        self.done = out.finished
-        return out
-
-    def abort(self) -> None:
-        if not self.done:
-            self.engine.abort(self.seq)
+__all__ = ["Engine", "Output", "QueueFull", "RequestStream", "ShuttingDown"]
 
 
 class Engine:
@@ -151,7 +100,7 @@ class Engine:
             self.queued += 1
             self.in_flight += 1
         seq = Sequence(list(prompt_ids), params, entry, arrival=time.monotonic())
-        stream = RequestStream(self, seq, asyncio.get_running_loop())
+        stream = RequestStream(seq, asyncio.get_running_loop(), self.abort)
         self.streams[seq.seq_id] = stream
         self._gauges()
         self._post("add", seq)

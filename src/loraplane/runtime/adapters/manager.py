@@ -22,7 +22,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from loraplane.runtime.adapters.errors import AdapterNotFound, Conflict, Incompatible
 from loraplane.runtime.adapters.names import check_name
@@ -349,22 +348,6 @@ class AdapterManager:
 
     def close(self) -> None:
         self._reader.shutdown(wait=False, cancel_futures=True)
-
-    def describe(self, entry: AdapterEntry) -> dict[str, Any]:
-        return {
-            "name": entry.name,
-            "source": entry.source,
-            "revision": entry.revision,
-            "sha256": entry.sha256,
-            "pinned": entry.pinned,
-            "state": entry.state,
-            "tier": entry.tier,
-            "rank": entry.rank,
-            "target_modules": entry.target_modules,
-            "size_bytes": entry.size_bytes,
-            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.loaded_at)),
-            "error": entry.error,
-        }
 
 
 __all__ = ["AdapterEntry", "AdapterManager", "ModelFacts", "check_name"]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from loraplane.runtime.adapters.manager import AdapterEntry
 from loraplane.runtime.runtime import Runtime
 from loraplane.runtime.server.errors import APIError
 
@@ -43,13 +46,13 @@ class LoadRequest(BaseModel):
 @router.get("")
 async def list_adapters(request: Request):
     runtime: Runtime = request.app.state.runtime
-    return {"adapters": [runtime.adapters.describe(e) for e in runtime.adapters.registered()]}
+    return {"adapters": [describe(e) for e in runtime.adapters.registered()]}
 
 
 @router.get("/{name}")
 async def get_adapter(name: str, request: Request):
     runtime: Runtime = request.app.state.runtime
-    return runtime.adapters.describe(runtime.adapters.get(name))
+    return describe(runtime.adapters.get(name))
 
 
 @router.put("/{name}")
@@ -65,7 +68,7 @@ async def load_adapter(name: str, body: LoadRequest, request: Request, response:
         token=body.token,
     )
     response.status_code = 201 if created else 200
-    return runtime.adapters.describe(entry)
+    return describe(entry)
 
 
 @router.delete("/{name}")
@@ -73,3 +76,21 @@ async def unload_adapter(name: str, request: Request):
     runtime: Runtime = request.app.state.runtime
     entry = runtime.adapters.unregister(name)
     return {"name": name, "state": "unloading" if entry.refs else "unloaded"}
+
+
+def describe(entry: AdapterEntry) -> dict[str, Any]:
+    """An adapter as the operator reads it: this is what it trusts as residency."""
+    return {
+        "name": entry.name,
+        "source": entry.source,
+        "revision": entry.revision,
+        "sha256": entry.sha256,
+        "pinned": entry.pinned,
+        "state": entry.state,
+        "tier": entry.tier,
+        "rank": entry.rank,
+        "target_modules": entry.target_modules,
+        "size_bytes": entry.size_bytes,
+        "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.loaded_at)),
+        "error": entry.error,
+    }

@@ -1,0 +1,67 @@
+"""What a request gets back from the engine: Outputs on an asyncio queue, and the refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from loraplane.runtime.sequence import Sequence
+
+
+class QueueFull(Exception):
+    """The waiting queue is at --max-queue; the client should retry later (429)."""
+
+
+class ShuttingDown(Exception):
+    """The server is draining and takes no new requests (503)."""
+
+
+@dataclass
+class Output:
+    text: str  # new text since the previous Output
+    token_id: int | None
+    logprob: float = 0.0
+    finished: bool = False
+    finish_reason: str | None = None  # stop, length, abort, error
+    stop_hit: str | None = None
+    eos: bool = False  # finished because the model emitted end-of-sequence
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class RequestStream:
+    """What a handler holds: the sequence (for abort) and its queue of Outputs."""
+
+    def __init__(
+        self,
+        seq: Sequence,
+        loop: asyncio.AbstractEventLoop,
+        abort: Callable[[Sequence], None],
+    ) -> None:
+        self.seq = seq
+        self._abort = abort
+        self.loop = loop
+        self.queue: asyncio.Queue[Output] = asyncio.Queue()
+        self.done = False
+
+    def push(self, out: Output) -> None:
+        # A closed loop raises RuntimeError: nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Output:
+        if self.done:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        self.done = out.finished
+        return out
+
+    def abort(self) -> None:
+        if not self.done:
+            self._abort(self.seq)
