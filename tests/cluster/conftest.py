@@ -1,9 +1,8 @@
-"""Fixtures for tests against a real API server: one cluster per session, a namespace per test."""
+"""Tests against a real API server: one cluster per session, a namespace per test."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # e2e/ is tooling, not an installed package
     sys.path.insert(0, str(REPO))
 
-from e2e.cluster.testing import Kube, namespace_prefix, new_namespace, session_cluster  # noqa: E402
-
-CRDS = REPO / "crds"
+from e2e.cluster.fixtures import *  # noqa: E402, F403
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
@@ -23,58 +20,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(item.fspath).parents:
             item.add_marker(pytest.mark.cluster)
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    report = yield
-    item.stash.setdefault(_reports, {})[report.when] = report
-    return report
-
-
-_reports = pytest.StashKey[dict]()
-
-
-@pytest.fixture(scope="session")
-def kube() -> Iterator[Kube]:
-    with session_cluster() as k:
-        yield k
-
-
-@pytest.fixture(scope="session")
-def crds(kube: Kube) -> list[str]:
-    """Install crds/*.yaml and wait until every one is Established; returns their names."""
-    files = sorted(CRDS.glob("*.yaml"))
-    if not files:
-        pytest.fail(f"no CRDs in {CRDS}: generate them with `make crds`")
-    names = []
-    for f in files:
-        out = kube.kubectl(
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=loraplane-tests",
-            "-f",
-            str(f),
-            "-o",
-            "name",
-        )
-        names += [line.split("/", 1)[1] for line in out.stdout.split()]
-    kube.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", *[f"crd/{n}" for n in names]
-    )
-    return names
-
-
-@pytest.fixture
-def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace (generateName) per test, deleted afterwards; on failure the test's
-    Events, objects and pod logs are printed."""
-    name = new_namespace(kube, namespace_prefix(request.node.nodeid))
-    yield name
-    reports = request.node.stash.get(_reports, {})
-    if any(r.failed for r in reports.values()):
-        print(
-            f"\n===== cluster state for failed test, namespace {name} =====\n{kube.explain(name)}"
-        )
-    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
