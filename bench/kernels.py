@@ -50,6 +50,7 @@ def main() -> int:
 
     ok = check(size, slots, dtype, device)
     table(size, slots, dtype, device, iters, choose_block_m)
+    sweep(size, slots, dtype, device, iters, choose_block_m)
     return 0 if ok else 1
 
 
@@ -155,6 +156,48 @@ def table(size, slots, dtype, device, iters, choose_block_m) -> None:
     row(slots, slots, 16, 64, token_slots(tokens, slots, device))
     # No token has an adapter: every program exits at once.
     row("none", 0, 16, 16, torch.full((tokens,), -1, dtype=torch.int32, device=device))
+
+
+def sweep(size, slots, dtype, device, iters, choose_block_m) -> None:
+    """Each kernel alone over its tile choices, for the decode case that matters most."""
+    import torch
+
+    from loraplane.runtime.kernels import lora_expand, lora_shrink, segment_tiles
+    from loraplane.runtime.kernels.lora_expand import BLOCK_N
+    from loraplane.runtime.kernels.lora_shrink import BLOCK_K, choose_split_k
+    from timing import capture, median_ms
+
+    tiny = device.type == "cpu"
+    reps = 1 if tiny else REPS
+    gen = torch.Generator().manual_seed(2)
+    d_in, d_out, tokens = size["d_in"], size["d_out"], size["tokens"]
+    a, b, ranks, scales = site(d_in, d_out, slots, 16, 16, dtype, device, gen)
+    x = torch.randn(tokens, d_in, generator=gen).to(dtype).to(device)
+    y = torch.zeros(tokens, d_out, dtype=dtype, device=device)
+    tiles = segment_tiles(token_slots(tokens, slots, device), slots, choose_block_m(tokens, slots))
+    h = lora_shrink(x, a, ranks, tiles)
+
+    def us(fn) -> float:
+        def run():
+            for _ in range(reps):
+                fn()
+
+        return median_ms(capture(run, device), device, iters) * 1e3 / reps
+
+    default_split = choose_split_k(tiles, d_in, 16)
+    print(f"\ntile sweep, N={slots} distinct rank-16, {tokens} tokens (* = the default)")
+    for split in (1, 2) if tiny else (1, 2, 4, 8, 16):
+        cells = []
+        for bk in (64, 128) if tiny else (64, 128, 256):
+            t = us(lambda s=split, k=bk: lora_shrink(x, a, ranks, tiles, split_k=s, block_k=k))
+            mark = "*" if (split, bk) == (default_split, BLOCK_K) else " "
+            cells.append(f"BLOCK_K={bk:<3} {t:8.1f} us{mark}")
+        print(f"  shrink split_k={split:<2} " + "   ".join(cells))
+    cells = []
+    for bn in (64, 128) if tiny else (32, 64, 128, 256):
+        t = us(lambda n=bn: lora_expand(y, h, b, ranks, scales, tiles, block_n=n))
+        cells.append(f"BLOCK_N={bn:<3} {t:8.1f} us{'*' if bn == BLOCK_N else ' '}")
+    print("  expand             " + "   ".join(cells))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ def lora_expand(
     ranks: torch.Tensor,
     scales: torch.Tensor,
     tiles: SegmentTiles,
+    block_n: int = BLOCK_N,
 ) -> torch.Tensor:
     """Add the LoRA delta into y in place and return y."""
     # y: [tokens, d_out]  h: [splits, tokens, r_max] fp32  b: [slots, d_out, r_max]
@@ -112,7 +113,7 @@ def lora_expand(
     assert y.stride(1) == 1 and b.stride(2) == 1, "y and B need a contiguous last dim"
     if num_tokens == 0:
         return y
-    grid = (tiles.max_tiles, triton.cdiv(d_out, BLOCK_N))
+    grid = (tiles.max_tiles, triton.cdiv(d_out, block_n))
     _lora_expand_kernel[grid](
         h,
         b,
@@ -134,7 +135,7 @@ def lora_expand(
         y.stride(0),
         y.stride(1),
         BLOCK_M=tiles.block_m,
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=block_n,
         BLOCK_R=BLOCK_R,
         IEEE=exact_dot(b),
     )

@@ -115,6 +115,7 @@ def lora_shrink(
     tiles: SegmentTiles,
     split_k: int | None = None,
     out: torch.Tensor | None = None,
+    block_k: int = BLOCK_K,
 ) -> torch.Tensor:
     """Partial sums [split_k, tokens, rows] fp32, defined only at [:, t, :rank] of tokens with a slot.
 
@@ -145,7 +146,7 @@ def lora_shrink(
     assert out.shape == (split_k, num_tokens, r_max) and out.dtype == torch.float32, out.shape
     if num_tokens == 0:
         return out
-    k_per_split = triton.cdiv(triton.cdiv(d_in, split_k), BLOCK_K) * BLOCK_K
+    k_per_split = triton.cdiv(triton.cdiv(d_in, split_k), block_k) * block_k
     grid = (tiles.max_tiles, triton.cdiv(r_max, BLOCK_R), split_k)
     _lora_shrink_kernel[grid](
         x,
@@ -170,7 +171,7 @@ def lora_shrink(
         out.stride(2),
         BLOCK_M=tiles.block_m,
         BLOCK_R=BLOCK_R,
-        BLOCK_K=BLOCK_K,
+        BLOCK_K=block_k,
         IEEE=exact_dot(x),
     )
     return out
