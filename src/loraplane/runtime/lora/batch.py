@@ -21,10 +21,10 @@ class LoraBatch:
         return self.token_slots is None
 
 
-def choose_block_m(num_tokens: int, num_slots: int) -> int:
+def choose_block_m(num_tokens: int, active_slots: int) -> int:
     # Decode (about one token per slot) wastes most of a tile's rows: keep tiles small there;
     # prefill segments fill larger tensor-core tiles.
-    per_slot = num_tokens / max(1, min(num_tokens, num_slots))
+    per_slot = num_tokens / max(1, min(num_tokens, active_slots))
     return 16 if per_slot <= 32 else 64
 
 
@@ -44,12 +44,16 @@ def make_batch(
             raise ValueError(
                 f"token_slots holds {token_slots[bad][:4].tolist()}, outside [-1, {num_slots})"
             )
-        if num_tokens == 0 or bool((token_slots < 0).all()):
+        used = token_slots[token_slots >= 0]
+        if used.numel() == 0:
             return LoraBatch(num_tokens=num_tokens, token_slots=None, tiles=None)
+        block_m = choose_block_m(int(used.numel()), int(used.unique().numel()))
+    else:
+        block_m = choose_block_m(num_tokens, num_slots)  # shapes only: no sync
     slots = token_slots.to(device=device, dtype=torch.int32, non_blocking=True)
     tiles = None
     if use_kernels:
-        tiles = segment_tiles(slots, num_slots, choose_block_m(num_tokens, num_slots))
+        tiles = segment_tiles(slots, num_slots, block_m)
     return LoraBatch(num_tokens=num_tokens, token_slots=slots, tiles=tiles)
 
 
