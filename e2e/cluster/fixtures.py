@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from .paths import REPO
-from .testing import Kube, namespace_prefix, new_namespace, session_cluster
+from .testing import Kube, delete_namespace, namespace_prefix, new_namespace, session_cluster
 
 __all__ = ["crds", "kube", "namespace", "pytest_runtest_makereport"]
 
@@ -68,4 +68,4 @@ def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
         print(
             f"\n===== cluster state for failed test, namespace {name} =====\n{kube.explain(name)}"
         )
-    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    delete_namespace(kube, name)

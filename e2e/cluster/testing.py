@@ -172,24 +172,32 @@ def session_cluster() -> Iterator[Kube]:
 
 def new_namespace(kube: Kube, prefix: str) -> str:
     """A namespace named by generateName, ready for pods (its default ServiceAccount exists)."""
-    body = {
-        "apiVersion": "v1",
-        "kind": "Namespace",
-        "metadata": {"generateName": prefix, "labels": {"loraplane.io/test": "true"}},
-    }
-    out = kube.kubectl(
-        "create", "-f", "-", "-o", "jsonpath={.metadata.name}", input=json.dumps(body)
-    )
-    name = out.stdout.strip()
-    wait_for(
-        lambda: (
-            kube.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode
-            == 0
-        ),
-        30,
-        f"the default ServiceAccount in namespace {name}",
-    )
+    from kubernetes import client
+
+    body = {"metadata": {"generateName": prefix, "labels": {"loraplane.io/test": "true"}}}
+    name = kube.core.create_namespace(body).metadata.name
+
+    def has_default_sa() -> bool:
+        try:
+            return bool(kube.core.read_namespaced_service_account("default", name))
+        except client.ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+
+    wait_for(has_default_sa, 30, f"the default ServiceAccount in namespace {name}", interval=0.1)
     return name
+
+
+def delete_namespace(kube: Kube, name: str) -> None:
+    """Start deleting; the namespace controller finishes while the next test runs."""
+    from kubernetes import client
+
+    try:
+        kube.core.delete_namespace(name)
+    except client.ApiException as e:
+        if e.status != 404:
+            raise
 
 
 def namespace_prefix(nodeid: str) -> str:
