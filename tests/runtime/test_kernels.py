@@ -130,6 +130,8 @@ def test_segment_tiles_cover_each_adapter_token_once():
             seen += rows
         want = sorted(i for i, s in enumerate(slots.tolist()) if s >= 0)
         assert sorted(seen) == want, f"seed={seed} block_m={block_m}"
+        expected = torch.bincount(slots[slots >= 0], minlength=7)
+        assert torch.equal(tiles.counts, expected), f"seed={seed}"
 
 
 def test_launchers_reject_mismatched_inputs():

@@ -19,6 +19,8 @@ class SegmentTiles:
     num_slots: int
     block_m: int
     sorted_tokens: torch.Tensor  # [tokens] int32: token ids, grouped by slot, no-adapter last
+    counts: torch.Tensor  # [slots] int64: tokens of each slot (> 0 = an active slot)
+    seg_start: torch.Tensor  # [slots] int64: where each slot's segment starts in sorted_tokens
     tile_slot: torch.Tensor  # [max_tiles] int32: the slot of each tile, -1 = idle program
     tile_start: torch.Tensor  # [max_tiles] int32: first row of the tile in sorted_tokens
     tile_end: torch.Tensor  # [max_tiles] int32: end of the tile's segment in sorted_tokens
@@ -60,6 +62,8 @@ def segment_tiles(token_slots: torch.Tensor, num_slots: int, block_m: int) -> Se
         num_slots=num_slots,
         block_m=block_m,
         sorted_tokens=sorted_tokens,
+        counts=counts,
+        seg_start=seg_start,
         tile_slot=torch.where(valid, slot, -1).to(torch.int32),
         tile_start=torch.where(valid, start, 0).to(torch.int32),
         tile_end=torch.where(valid, seg_end[slot], 0).to(torch.int32),
