@@ -6,6 +6,7 @@ slot map and its metadata), so the whole step, set_batch included, is one CUDA g
 
 from __future__ import annotations
 
+import gc
 import math
 
 import torch
@@ -188,6 +189,9 @@ class Bench:
             parent, short = path.rsplit(".", 1)
             setattr(self.model.get_submodule(parent), short, layer.base)
         del self.slots, self.decoder
+        gc.collect()  # the layers and LoraSlots reference each other
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
         n, r = self.args.peft_n, self.args.rank
         config = LoraConfig(
             r=r, lora_alpha=2 * r, target_modules=list(self.targets), init_lora_weights=False
