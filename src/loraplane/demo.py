@@ -21,8 +21,9 @@ from pathlib import Path
 
 import httpx
 
+from loraplane.runtime.tiny import DEMO_PROMPT
+
 BASE_NAME = "tiny-llama"
-PROMPT = "hello world, how are"
 METRIC_PREFIXES = (
     "loraplane_requests_total",
     "loraplane_generated_tokens_total",
@@ -58,7 +59,7 @@ async def _ask_all(url: str, models: list[str]) -> list[tuple[str, str]]:
 
     async def one(model: str) -> tuple[str, str]:
         done = await client.completions.create(
-            model=model, prompt=PROMPT, max_tokens=12, temperature=0
+            model=model, prompt=DEMO_PROMPT, max_tokens=24, temperature=0
         )
         return model, done.choices[0].text
 
@@ -73,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-serving", action="store_true", help="leave the server running")
     args = parser.parse_args(argv)
 
-    from loraplane.runtime.tiny import build_demo
+    from loraplane.runtime.tiny import build_taught_demo
 
     print(f"building the tiny base model and adapters in {args.cache_dir} ...", flush=True)
-    base, adapters = build_demo(args.cache_dir / "models")
+    # Each adapter is taught one line to say after the prompt; the random base says noise.
+    base, adapters = build_taught_demo(args.cache_dir / "models")
     port = args.port or _free_port()
     url = f"http://127.0.0.1:{port}"
     token = secrets.token_hex(16)
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"sha256 {info['sha256'][:12]}"
             )
         models = [BASE_NAME, *adapters]
-        print(f"\none concurrent batch, prompt {PROMPT!r}, greedy:")
+        print(f"\none concurrent batch, prompt {DEMO_PROMPT!r}, greedy:")
         for model, text in asyncio.run(_ask_all(url, models)):
             print(f"  {model:>12}: {text!r}")
         print("\nmetrics:")

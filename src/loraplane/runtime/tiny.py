@@ -189,3 +189,71 @@ def build_demo(root: str | Path, spec: TinyModelSpec | None = None) -> tuple[Pat
             build_adapter(path, base, adapter_spec)
         adapters[name] = path
     return base, adapters
+
+
+# What the demo teaches each adapter to say after DEMO_PROMPT, so one batch visibly holds
+# three different fine-tunes (the random base says nothing sensible).
+DEMO_PROMPT = "hello world, how are"
+DEMO_LESSONS: dict[str, str] = {
+    "sql-expert": " SELECT name FROM users WHERE id = 42;",
+    "support-bot": " thank you for contacting customer support, how can i help you?",
+    "poet": " the cat sat on the mat. the dog sat on the log.",
+}
+
+
+def teach_adapter(adapter_dir: str | Path, base_dir: str | Path, prompt: str, text: str) -> Path:
+    """Train a saved adapter in place until greedy decoding of prompt gives text, then EOS."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    p = tokenizer.encode(prompt, add_special_tokens=False)
+    t = [*tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+    ids, labels = torch.tensor([p + t]), torch.tensor([[-100] * len(p) + t])
+    params = [x for x in model.parameters() if x.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=3e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains fastest on one thread
+    try:
+        for _ in range(400):
+            out = model(input_ids=ids, labels=labels)
+            greedy = out.logits[0, len(p) - 1 : -1].argmax(-1)
+            # Stop once every token is the argmax with some margin (loss < 0.5).
+            if bool((greedy == labels[0, len(p) :]).all()) and out.loss.item() < 0.5:
+                break
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+        else:
+            raise RuntimeError(f"adapter {adapter_dir} did not learn {text!r} in 400 steps")
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    # save_pretrained rewrites the config: keep the base directory we were given.
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    saved = json.loads(config_path.read_text())
+    saved["base_model_name_or_path"] = str(base_dir)
+    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True))
+    return Path(adapter_dir)
+
+
+def build_taught_demo(root: str | Path) -> tuple[Path, dict[str, Path]]:
+    """build_demo, with each adapter taught its DEMO_LESSONS line; reuses earlier results."""
+    base, adapters = build_demo(root)
+    taught = {}
+    for name, path in adapters.items():
+        out = Path(root) / "taught" / name
+        if not (out / "adapter_model.safetensors").exists():
+            import shutil
+
+            tmp = out.with_name(f".{name}.partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(path, tmp)
+            teach_adapter(tmp, base, DEMO_PROMPT, DEMO_LESSONS[name])
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        taught[name] = out
+    return base, taught
