@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import httpx
 import pytest
@@ -147,3 +149,84 @@ async def test_full_queue_answers_429_and_serves_the_rest(server):
     after = samples(server)
     key = ("loraplane_requests_total", (("adapter", "poet"), ("status", "rejected")))
     assert after[key] - before.get(key, 0) == codes.count(429)
+
+
+def test_a_failed_engine_step_fails_its_requests_and_the_server_goes_on(server, monkeypatch):
+    runner = server.runtime.runner
+    real_run = runner.run
+    calls = []
+
+    def broken_once(seqs, slots):
+        calls.append(len(seqs))
+        if len(calls) == 1:
+            raise RuntimeError("simulated device error")
+        return real_run(seqs, slots)
+
+    monkeypatch.setattr(runner, "run", broken_once)
+    body = {"model": "poet", "prompt": "hello", "max_tokens": 3, "temperature": 0}
+    r = httpx.post(f"{server.url}/v1/completions", json=body)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+    assert httpx.post(f"{server.url}/v1/completions", json=body).status_code == 200
+
+
+def test_an_adapter_that_cannot_be_copied_in_is_reported_failed(server, demo_dir, monkeypatch):  # noqa: F811
+    _, adapters = demo_dir
+    runner = server.runtime.runner
+    real_load = runner.load_adapter
+
+    def refuse(slot, weights):
+        if weights.rank == 8:  # sql-expert
+            raise RuntimeError("simulated copy failure")
+        return real_load(slot, weights)
+
+    monkeypatch.setattr(runner, "load_adapter", refuse)
+    r = httpx.put(
+        f"{server.url}/v1/adapters/sql-expert", json={"source": str(adapters["sql-expert"])}
+    )
+    assert r.status_code == 201
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        info = httpx.get(f"{server.url}/v1/adapters/sql-expert").json()
+        if info["state"] == "failed":
+            break
+        time.sleep(0.02)
+    assert info["state"] == "failed" and "simulated copy failure" in info["error"]
+    assert info["tier"] != "gpu"
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "sql-expert", "prompt": "x"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "adapter_failed"
+    monkeypatch.setattr(runner, "load_adapter", real_load)
+    assert httpx.delete(f"{server.url}/v1/adapters/sql-expert").status_code == 200
+
+
+def test_prompt_lists_and_usage_in_streams(server):
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={
+            "model": "poet",
+            "prompt": ["hello", "the cat"],
+            "max_tokens": 3,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1] and r.json()["usage"]["completion_tokens"] == 6
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        json={
+            "model": "poet",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 3,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as s:
+        events = [line for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    usage = json.loads(events[-2][6:])
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
+    first = json.loads(events[0][6:])
+    assert first["choices"][0]["delta"]["role"] == "assistant"

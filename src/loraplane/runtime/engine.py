@@ -14,7 +14,7 @@ import time
 from collections import deque
 from typing import Any
 
-from loraplane.runtime.adapters.manager import AdapterManager
+from loraplane.runtime.adapters.manager import AdapterEntry, AdapterManager
 from loraplane.runtime.block_manager import BlockManager
 from loraplane.runtime.config import RuntimeConfig
 from loraplane.runtime.detokenizer import Detokenizer
@@ -165,8 +165,7 @@ class Engine:
             elif not seq.finished:
                 self._finish(seq, "abort")
         for slot, entry in self.adapters.take_pending():
-            assert entry.weights is not None
-            self.runner.load_adapter(slot, entry.weights)
+            self._load(slot, entry)
         for slot in self.adapters.reap():
             self.runner.clear_adapter(slot)
         self._place_idle()
@@ -188,13 +187,37 @@ class Engine:
             if not entry.pinned and self.adapters.slots.free_count() == 0:
                 break
             slot = self.adapters.place(entry, busy)
-            if slot is not None and entry.weights is not None:
-                self.runner.load_adapter(slot, entry.weights)
+            if slot is not None:
+                self._load(slot, entry)
+
+    def _load(self, slot: int, entry: AdapterEntry) -> bool:
+        """Copy an adapter into its slot; on failure the adapter is marked failed, not served."""
+        try:
+            assert entry.weights is not None, f"adapter {entry.name} has no host copy"
+            self.runner.load_adapter(slot, entry.weights)
+        except Exception as e:
+            log.exception("copying adapter %s into slot %d failed", entry.name, slot)
+            self.runner.clear_adapter(slot)
+            self.adapters.fail(entry, f"copying into GPU slot {slot} failed: {e}")
+            return False
+        return True
 
     def _run(self, step: Step) -> None:
-        for slot, entry in step.loads:
-            assert entry.weights is not None
-            self.runner.load_adapter(slot, entry.weights)
+        broken = {entry.uid for slot, entry in step.loads if not self._load(slot, entry)}
+        if broken:
+            kept = [
+                (q, s)
+                for q, s in zip(step.seqs, step.slots, strict=True)
+                if q.adapter is None or q.adapter.uid not in broken
+            ]
+            for seq in step.seqs:
+                if seq.adapter is not None and seq.adapter.uid in broken:
+                    self._finish(
+                        seq, "error", error=f"adapter {seq.adapter_key!r}: {seq.adapter.error}"
+                    )
+            step.seqs, step.slots = [q for q, _ in kept], [s for _, s in kept]
+            if not step.seqs:
+                return
         started = [s for s in step.seqs if not s.started]
         for seq in started:
             seq.started = True

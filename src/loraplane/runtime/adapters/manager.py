@@ -297,6 +297,14 @@ class AdapterManager:
             waiting = [e for e in self.entries.values() if e.slot is None and e.weights]
         return sorted(waiting, key=lambda e: (not e.pinned, e.loaded_at))
 
+    def fail(self, entry: AdapterEntry, error: str) -> None:
+        """Stop serving an adapter that could not be put in its slot; the operator sees why."""
+        with self.lock:
+            entry.error = error
+            if entry.slot is not None:
+                self.slots.deallocate(entry.slot)
+                entry.slot = None
+
     def reap(self) -> list[int]:
         """Free retired entries no request holds any more; returns the slots to clear."""
         cleared = []

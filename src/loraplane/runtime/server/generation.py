@@ -14,7 +14,14 @@ def resolve_adapter(runtime: Runtime, model: str | None) -> str | None:
     """None for the base model, else the adapter's name; 404 when neither."""
     if model is None or model in ("", runtime.base_name):
         return None
-    runtime.adapters.get(model)  # raises AdapterNotFound -> 404
+    entry = runtime.adapters.get(model)  # raises AdapterNotFound -> 404
+    if entry.error:
+        raise APIError(
+            503,
+            f"adapter {model!r} cannot be served: {entry.error}; load it again",
+            "server_error",
+            "adapter_failed",
+        )
     return model
 
 
