@@ -230,3 +230,28 @@ def test_prompt_lists_and_usage_in_streams(server):
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
     first = json.loads(events[0][6:])
     assert first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_a_client_that_hangs_up_has_its_sequence_aborted(server, monkeypatch):
+    runner = server.runtime.runner
+    real_run = runner.run
+
+    def slow(seqs, slots):
+        time.sleep(0.02)  # 150 tokens now take 3 s: long enough to tell abort from finish
+        return real_run(seqs, slots)
+
+    monkeypatch.setattr(runner, "run", slow)
+    before = samples(server)
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{server.url}/v1/completions",
+            timeout=0.5,
+            json={"model": "poet", "prompt": "hello", "max_tokens": 150, "ignore_eos": True},
+        )
+    key = ("loraplane_requests_total", (("adapter", "poet"), ("status", "abort")))
+    while time.monotonic() - started < 10 and samples(server).get(key, 0) == before.get(key, 0):
+        time.sleep(0.05)
+    assert samples(server).get(key, 0) - before.get(key, 0) == 1
+    assert time.monotonic() - started < 2.5, "the sequence ran on after the client left"
+    assert not server.runtime.engine.scheduler.running

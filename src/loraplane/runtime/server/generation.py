@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
+
+from fastapi import Request
 
 from loraplane.runtime.engine import Output, RequestStream
 from loraplane.runtime.runtime import Runtime
 from loraplane.runtime.sampling import SamplingParams
 from loraplane.runtime.server.errors import APIError
+
+DISCONNECT_POLL_S = 0.5
 
 
 def resolve_adapter(runtime: Runtime, model: str | None) -> str | None:
@@ -48,14 +53,27 @@ class Result:
     completion_tokens: int = 0
 
 
-async def collect(stream: RequestStream) -> Result:
+async def collect(stream: RequestStream, request: Request | None = None) -> Result:
+    """All of a request's outputs; a client that hangs up has its sequence aborted."""
     result = Result()
+    watcher = asyncio.create_task(_abort_on_disconnect(request, stream)) if request else None
     try:
         async for out in stream:
             absorb(result, out)
     finally:
+        if watcher is not None:
+            watcher.cancel()
         stream.abort()
     return result
+
+
+async def _abort_on_disconnect(request: Request, stream: RequestStream) -> None:
+    # Without this a client that timed out would keep its sequence decoding to max_tokens.
+    while not stream.done:
+        if await request.is_disconnected():
+            stream.abort()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 def absorb(result: Result, out: Output) -> None:

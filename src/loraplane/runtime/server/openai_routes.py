@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -84,7 +85,7 @@ async def completions(body: CompletionRequest, request: Request):
             stream, chunk, include_usage, rid, created, body.model, "text_completion"
         )
     streams = [submit(runtime, i, params, adapter) for i in ids]
-    results = [await collect(s) for s in streams]
+    results = await asyncio.gather(*(collect(s, request) for s in streams))
     usage = {k: sum(_usage(r)[k] for r in results) for k in _usage(results[0])}
     return {
         "id": rid,
@@ -164,7 +165,7 @@ async def chat_completions(body: ChatRequest, request: Request):
         return _stream_response(
             stream, chunk, include_usage, rid, created, body.model, "chat.completion.chunk"
         )
-    r = await collect(stream)
+    r = await collect(stream, request)
     return {
         "id": rid,
         "object": "chat.completion",

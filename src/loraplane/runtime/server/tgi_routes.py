@@ -117,7 +117,7 @@ def _start(request: Request, body: GenerateRequest):
 
 async def _generate(request: Request, body: GenerateRequest) -> dict:
     runtime, stream = _start(request, body)
-    r = await collect(stream)
+    r = await collect(stream, request)
     text = (body.inputs + r.text) if body.parameters.return_full_text else r.text
     out: dict[str, Any] = {"generated_text": text}
     if body.parameters.details:
