@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,15 +165,19 @@ class Container:
         self.readiness = self.liveness = self.startup = None
         return term
 
-    def stop(self, grace: float) -> None:
-        """SIGTERM to the container's process group, SIGKILL after the grace period."""
+    def stop(self, grace: float, cut_short: threading.Event | None = None) -> None:
+        """SIGTERM to the container's process group, SIGKILL after the grace period (or as
+        soon as `cut_short` is set: the agent itself is stopping)."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
             _killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=max(grace, 0.0))
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + max(grace, 0.0)
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                if cut_short is not None and cut_short.is_set():
+                    break
+                time.sleep(0.05)
+            if self.proc.poll() is None:
                 _killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         # Children the main process left behind in its group go too.

@@ -319,7 +319,7 @@ class PodWorker(threading.Thread):
         )
         log.info("pod %s: deleting, SIGTERM with %.0fs grace", self.name, grace)
         for c in self.containers + self.init_containers:
-            c.stop(grace=grace)
+            c.stop(grace=grace, cut_short=self.shutdown)
         with contextlib.suppress(client.ApiException):
             self._sync_status()
         try:
