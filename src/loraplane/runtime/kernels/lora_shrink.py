@@ -194,4 +194,5 @@ def lora_shrink_ref(
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     gathered = a[token_slots.clamp(min=0).long()].to(compute)  # [tokens, r_max, d_in]
     h = torch.bmm(gathered, x.to(compute)[:, :, None])[:, :, 0]  # [tokens, r_max]
-    return h * rank_mask(ranks, token_slots, a.shape[1])
+    live = rank_mask(ranks, token_slots, a.shape[1])  # rows past a rank are never read
+    return torch.where(live, h, 0.0)
