@@ -212,7 +212,10 @@ KWOK_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedul
 KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
 
 
-def kwok_node(name: str, gpus: int = 8) -> dict:
+KWOK_SET = "loraplane.io/kwok-set"  # label naming the group a node was made in
+
+
+def kwok_node(name: str, gpus: int = 8, group: str = "default") -> dict:
     """A fake GPU node that kwok keeps Ready and whose pods it marks Running, without processes.
 
     Its InternalIP and its pods' IPs are fake: never dial them.
@@ -226,6 +229,7 @@ def kwok_node(name: str, gpus: int = 8) -> dict:
             "annotations": dict(KWOK_ANNOTATION),
             "labels": {
                 "type": "kwok",
+                KWOK_SET: group,
                 "kubernetes.io/hostname": name,
                 "kubernetes.io/os": "linux",
                 "nvidia.com/gpu.present": "true",
@@ -243,9 +247,13 @@ def kwok_node(name: str, gpus: int = 8) -> dict:
 
 @contextlib.contextmanager
 def kwok_nodes(kube: Kube, prefix: str, count: int, gpus: int = 8) -> Iterator[list[str]]:
-    """`count` fake GPU nodes for the duration of the block, deleted afterwards."""
+    """`count` fake GPU nodes for the duration of the block, deleted afterwards. They carry
+    the label KWOK_SET=<prefix without its trailing dash>: select it so pods land only on
+    these, not on another test session's kwok nodes."""
     names = [f"{prefix}{i}" for i in range(count)]
-    body = {"apiVersion": "v1", "kind": "List", "items": [kwok_node(n, gpus) for n in names]}
+    group = prefix.rstrip("-")
+    items = [kwok_node(n, gpus, group) for n in names]
+    body = {"apiVersion": "v1", "kind": "List", "items": items}
     kube.kubectl("create", "-f", "-", input=json.dumps(body))
     try:
         yield names

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from e2e.cluster.testing import KWOK_TOLERATION, Kube, kwok_nodes, wait_for
+from e2e.cluster.testing import KWOK_SET, KWOK_TOLERATION, Kube, kwok_nodes, wait_for
 
 
 def test_fifty_gpu_replicas_run_on_kwok_nodes(kube: Kube, namespace: str) -> None:
@@ -24,7 +24,7 @@ def test_fifty_gpu_replicas_run_on_kwok_nodes(kube: Kube, namespace: str) -> Non
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
-                    "nodeSelector": {"type": "kwok"},
+                    "nodeSelector": {KWOK_SET: namespace},
                     "tolerations": [KWOK_TOLERATION],
                     "containers": [
                         {
