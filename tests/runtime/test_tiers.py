@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -69,6 +70,9 @@ async def test_more_adapters_than_slots_all_served_correctly(setup):
 
 async def test_pinned_adapter_is_never_evicted(setup):
     server, _, dirs = setup
+    for name in ["poet", "support-bot", "poet-two"]:  # LRU pushes sql-expert to disk
+        await ask_all(server, [name])
+    assert tiers(server)["sql-expert"] == "disk"
     r = httpx.put(
         f"{server.url}/v1/adapters/sql-expert",
         json={"source": str(dirs["sql-expert"]), "pinned": True},
@@ -79,6 +83,10 @@ async def test_pinned_adapter_is_never_evicted(setup):
         f"{server.url}/v1/adapters/poet", json={"source": str(dirs["poet"]), "pinned": True}
     )
     assert r.status_code == 409 and "pinned" in r.json()["error"]["message"]
+    # The pin takes effect at the engine's next step, even from the disk tier.
+    deadline = time.monotonic() + 10
+    while tiers(server)["sql-expert"] != "gpu" and time.monotonic() < deadline:
+        time.sleep(0.02)
     for name in ["poet", "support-bot", "poet-two", "poet", "support-bot"]:
         await ask_all(server, [name])
         assert tiers(server)["sql-expert"] == "gpu"

@@ -294,6 +294,9 @@ class AdapterManager:
     def unplaced(self) -> list[AdapterEntry]:
         """Registered adapters with a host copy and no slot, pinned ones first."""
         with self.lock:
+            for entry in self.entries.values():
+                if entry.pinned and entry.slot is None and entry.weights is None:
+                    self._reload(entry)  # a pinned adapter pushed to disk before its pin
             waiting = [e for e in self.entries.values() if e.slot is None and e.weights]
         return sorted(waiting, key=lambda e: (not e.pinned, e.loaded_at))
 
