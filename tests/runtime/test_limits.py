@@ -140,7 +140,8 @@ async def test_full_queue_answers_429_and_serves_the_rest(server):
             )
         )
     codes = sorted(r.status_code for r in rs)
-    assert set(codes) == {200, 429} and codes.count(200) >= 3, codes
+    # At least --max-queue get in (more if the engine admits some before the rest arrive).
+    assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
     busy = next(r for r in rs if r.status_code == 429)
     assert busy.headers["retry-after"] == "1"
     assert busy.json()["error"]["code"] == "overloaded"
