@@ -91,21 +91,28 @@ async def test_load_replace_unload_under_load_drops_nothing(setup):
                 )
                 statuses.append((model, r.status_code))
 
+        async def served(model: str, at_least: int) -> None:
+            # Progress, not wall time, decides when the next change lands: CPUs here are shared.
+            deadline = time.monotonic() + 60
+            while sum(1 for m, s in statuses if m == model and s == 200) < at_least:
+                assert time.monotonic() < deadline, f"{model}: fewer than {at_least} served"
+                await asyncio.sleep(0.02)
+
         workers = [asyncio.create_task(traffic(m)) for m in ("sql-expert", "tiny", "sql-expert")]
-        await asyncio.sleep(0.3)
+        await served("sql-expert", 2)
         r = await client.put(
             "/v1/adapters/support-bot", json={"source": str(adapters["support-bot"])}
         )
         assert r.status_code == 201, r.text
         workers.append(asyncio.create_task(traffic("support-bot")))
-        await asyncio.sleep(0.3)
+        await served("support-bot", 1)
         replacement = copy_adapter(adapters["sql-expert"], tmp / "sql-v2", lora_alpha=2)
         r = await client.put("/v1/adapters/sql-expert", json={"source": str(replacement)})
         assert r.status_code == 201, r.text
-        await asyncio.sleep(0.3)
+        await served("sql-expert", 4)
         r = await client.delete("/v1/adapters/support-bot")
         assert r.status_code == 200
-        await asyncio.sleep(0.2)
+        await served("tiny", 3)
         stop.set()
         await asyncio.gather(*workers)
     by_status: dict[int, int] = {}
