@@ -35,9 +35,16 @@ def wait_for(predicate, what: str, timeout_s: float = 30) -> None:
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-async def test_unload_waits_for_running_requests_and_frees_weights(setup):
+async def test_unload_waits_for_running_requests_and_frees_weights(setup, monkeypatch):
     server, _, _ = setup
     runtime = server.runtime
+    real_run = runtime.runner.run
+
+    def slow(seqs, slots):
+        time.sleep(0.01)  # the stream must outlast the DELETE below, even on a fast machine
+        return real_run(seqs, slots)
+
+    monkeypatch.setattr(runtime.runner, "run", slow)
     entry = runtime.adapters.get("poet")
     weights_ref = weakref.ref(entry.weights)
     slot = entry.slot

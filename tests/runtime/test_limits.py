@@ -238,7 +238,7 @@ def test_a_client_that_hangs_up_has_its_sequence_aborted(server, monkeypatch):
     real_run = runner.run
 
     def slow(seqs, slots):
-        time.sleep(0.02)  # 150 tokens now take 3 s: long enough to tell abort from finish
+        time.sleep(0.04)  # 150 tokens now take 6 s: long enough to tell abort from finish
         return real_run(seqs, slots)
 
     monkeypatch.setattr(runner, "run", slow)
@@ -254,5 +254,5 @@ def test_a_client_that_hangs_up_has_its_sequence_aborted(server, monkeypatch):
     while time.monotonic() - started < 10 and samples(server).get(key, 0) == before.get(key, 0):
         time.sleep(0.05)
     assert samples(server).get(key, 0) - before.get(key, 0) == 1
-    assert time.monotonic() - started < 2.5, "the sequence ran on after the client left"
+    assert time.monotonic() - started < 4, "the sequence ran on after the client left"
     assert not server.runtime.engine.scheduler.running
