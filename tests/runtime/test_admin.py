@@ -159,6 +159,12 @@ def _bad_adapters(adapters, tmp):
             400,
             ["surprise"],
         ),
+        (
+            "ok-name",
+            {"source": f"file://{adapters['sql-expert']}", "credentials": {"NOPE": "x"}},
+            400,
+            ["unknown credential keys", "NOPE"],
+        ),
         ("Bad_Name", {"source": f"file://{adapters['sql-expert']}"}, 400, ["DNS-1123"]),
         ("a..b", {"source": f"file://{adapters['sql-expert']}"}, 400, ["DNS-1123"]),
         ("-lead", {"source": f"file://{adapters['sql-expert']}"}, 400, ["DNS-1123"]),

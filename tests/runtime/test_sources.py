@@ -79,24 +79,68 @@ def test_hf_source_through_huggingface_hub_offline(tmp_path, poet, monkeypatch):
         fetcher.fetch("hf://a/b/c")
 
 
+def test_hf_arguments_reach_huggingface_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(**kwargs):
+        calls.append(kwargs)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    fetcher = Fetcher(tmp_path / "cache", tmp_path / "pvc", hf_token="from-env")
+    fetcher.fetch("hf://acme/poet-lora@v2", credentials={"HF_TOKEN": "from-secret"})
+    fetcher.fetch("hf://acme/base", model=True)
+    adapter, model = calls
+    assert adapter == {
+        "repo_id": "acme/poet-lora",
+        "revision": "v2",
+        "token": "from-secret",
+        "cache_dir": str(tmp_path / "cache" / "hf"),
+        "allow_patterns": list(ADAPTER_FILES),
+    }
+    assert model["token"] == "from-env" and model["revision"] is None
+    assert "*.safetensors" in model["allow_patterns"] and "tokenizer*" in model["allow_patterns"]
+
+
 def test_s3_source_through_an_fsspec_filesystem(tmp_path, poet):
     memory = fsspec.filesystem("memory")
     for name in ADAPTER_FILES:
         memory.pipe(f"/bucket/team/poet/{name}", (poet / name).read_bytes())
     asked = []
 
-    def filesystem(protocol: str):
-        asked.append(protocol)
+    def filesystem(protocol: str, **options):
+        asked.append((protocol, options))
         return memory
 
     fetcher = Fetcher(tmp_path / "cache", tmp_path / "pvc", filesystem=filesystem)
-    got = fetcher.fetch("s3://bucket/team/poet")
-    assert asked == ["s3"] and same_files(got, poet)
-    assert got.is_relative_to(tmp_path / "cache")
+    secret = {
+        "AWS_ACCESS_KEY_ID": "AKIA",
+        "AWS_SECRET_ACCESS_KEY": "shh",
+        "AWS_REGION": "eu-west-1",
+        "AWS_ENDPOINT_URL": "http://minio:9000",
+    }
+    got = fetcher.fetch("s3://bucket/team/poet", credentials=secret)
+    assert same_files(got, poet) and got.is_relative_to(tmp_path / "cache")
+    assert asked == [
+        (
+            "s3",
+            {
+                "key": "AKIA",
+                "secret": "shh",
+                "endpoint_url": "http://minio:9000",
+                "client_kwargs": {"region_name": "eu-west-1"},
+            },
+        )
+    ]
     assert fetcher.fetch("s3://bucket/team/poet") == got  # cached: no second download
-    assert asked == ["s3"]
+    assert len(asked) == 1
     with pytest.raises(SourceNotFound):
         fetcher.fetch("s3://bucket/team/absent")
+    assert asked[-1] == ("s3", {})  # no secret: s3fs's own chain (env, IAM role)
+    with pytest.raises(InvalidSource, match="AWS_PASSWORD"):
+        fetcher.fetch("s3://bucket/team/poet", credentials={"AWS_PASSWORD": "x"})
     assert not list((tmp_path / "cache" / "sources").glob(".partial-*"))
 
 
@@ -109,6 +153,15 @@ def http_root(tmp_path):
     class Quiet(handler.func):  # type: ignore[name-defined,misc]
         def log_message(self, *args):
             pass
+
+        def do_GET(self):
+            # /private/ stands in for a server that wants the secret's BEARER_TOKEN.
+            if self.path.startswith("/private/") and (
+                self.headers.get("Authorization") != "Bearer sesame"
+            ):
+                self.send_error(401)
+                return
+            super().do_GET()
 
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(Quiet, directory=str(root))
@@ -138,6 +191,11 @@ def test_https_source_files_and_archives(tmp_path, poet, http_root):
         assert same_files(got, poet), source
         assert sorted(p.name for p in got.iterdir()) == sorted(ADAPTER_FILES)
     assert not list(tmp_path.rglob("escape.txt"))
+    shutil.copytree(poet, root / "private" / "poet")
+    with pytest.raises(SourceUnreachable, match="401"):
+        fetcher.fetch(f"{url}/private/poet")
+    got = fetcher.fetch(f"{url}/private/poet", credentials={"BEARER_TOKEN": "sesame"})
+    assert same_files(got, poet)
     with pytest.raises(SourceNotFound, match="404"):
         fetcher.fetch(f"{url}/absent")
     (root / "broken.tar.gz").write_bytes(b"not a tarball")
@@ -156,7 +214,7 @@ def test_base_model_from_a_source_uri(tmp_path, demo_dir):  # noqa: F811
     config = RuntimeConfig(
         model="s3://models/tiny-base", cache_dir=tmp_path / "c", pvc_root=tmp_path / "pvc"
     )
-    fetcher = Fetcher(config.cache_dir, config.pvc_root, filesystem=lambda _: memory)
+    fetcher = Fetcher(config.cache_dir, config.pvc_root, filesystem=lambda *_, **__: memory)
     runtime = Runtime(config, fetcher=fetcher)
     try:
         assert runtime.base_name == "tiny-base"

@@ -124,7 +124,7 @@ class AdapterManager:
         revision: str | None = None,
         sha256: str | None = None,
         pinned: bool = False,
-        token: str | None = None,
+        credentials: dict[str, str] | None = None,
     ) -> tuple[AdapterEntry, bool]:
         """Fetch, verify and validate an adapter; (entry, created). Blocking: run off the loop."""
         check_name(name)
@@ -133,7 +133,7 @@ class AdapterManager:
             if current is not None and current.same_source(source, revision, sha256):
                 self._set_pinned(current, pinned)
                 return current, False
-        local = self.fetcher.fetch(source, revision, token)
+        local = self.fetcher.fetch(source, revision, credentials)
         entry = self._read(name, source, revision, sha256, local)
         entry.pinned = pinned
         with self.lock:

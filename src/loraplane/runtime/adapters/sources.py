@@ -25,6 +25,16 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MODEL_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model")
 ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
 SCHEMES = ("file", "pvc", "hf", "s3", "https", "http")
+# The keys a LoraAdapter's secretRef may hold (see loraplane.api); the operator forwards them.
+CREDENTIAL_KEYS = (
+    "HF_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "BEARER_TOKEN",
+)
 
 
 @dataclass
@@ -32,26 +42,33 @@ class Fetcher:
     cache_dir: Path
     pvc_root: Path
     hf_token: str | None = None
-    # Injectable for tests: protocol -> fsspec filesystem; defaults to fsspec.filesystem.
-    filesystem: Callable[[str], Any] | None = None
+    # Injectable for tests: (protocol, **storage options) -> an fsspec filesystem.
+    filesystem: Callable[..., Any] | None = None
     http_timeout_s: float = 60.0
 
     def fetch(
         self,
         source: str,
         revision: str | None = None,
-        token: str | None = None,
+        credentials: dict[str, str] | None = None,
         model: bool = False,
     ) -> Path:
+        """A local directory with the files of source; credentials are a secretRef's data."""
+        creds = credentials or {}
+        unknown = sorted(set(creds) - set(CREDENTIAL_KEYS))
+        if unknown:
+            raise InvalidSource(f"unknown credential keys {unknown}; known: {CREDENTIAL_KEYS}")
         scheme, rest = split_source(source)
         if scheme == "file":
             return self._local(Path(rest), source)
         if scheme == "pvc":
             return self._pvc(rest, source)
         if scheme == "hf":
-            return self._hf(rest, revision, token or self.hf_token, model)
+            return self._hf(rest, revision, creds.get("HF_TOKEN") or self.hf_token, model)
         if scheme == "s3":
-            return self._cached(source, revision, lambda d: self._s3(rest, d, model))
+            options = s3_options(creds)
+            return self._cached(source, revision, lambda d: self._s3(rest, d, model, options))
+        token = creds.get("BEARER_TOKEN")
         return self._cached(source, revision, lambda d: self._https(source, d, token))
 
     def _local(self, path: Path, source: str) -> Path:
@@ -116,8 +133,8 @@ class Fetcher:
             raise SourceUnreachable(f"hf://{rest} could not be downloaded: {e}") from e
         return Path(path)
 
-    def _s3(self, rest: str, dest: Path, model: bool) -> None:
-        fs = self._filesystem("s3")
+    def _s3(self, rest: str, dest: Path, model: bool, options: dict[str, Any]) -> None:
+        fs = self._filesystem("s3", options)
         prefix = rest.rstrip("/")
         try:
             if model:
@@ -134,12 +151,13 @@ class Fetcher:
         except OSError as e:
             raise SourceUnreachable(f"s3://{rest} could not be read: {e}") from e
 
-    def _filesystem(self, protocol: str) -> Any:
+    def _filesystem(self, protocol: str, options: dict[str, Any]) -> Any:
         if self.filesystem is not None:
-            return self.filesystem(protocol)
+            return self.filesystem(protocol, **options)
         import fsspec
 
-        return fsspec.filesystem(protocol)
+        # skip_instance_cache: an instance made with one adapter's keys must not serve another.
+        return fsspec.filesystem(protocol, skip_instance_cache=True, **options)
 
     def _https(self, url: str, dest: Path, token: str | None) -> None:
         import httpx
@@ -157,6 +175,21 @@ class Fetcher:
             else:
                 for name in ADAPTER_FILES:
                     _download(client, f"{url.rstrip('/')}/{name}", dest / name)
+
+
+def s3_options(creds: dict[str, str]) -> dict[str, Any]:
+    """s3fs storage options from secret keys; empty means s3fs's own chain (env, IAM role)."""
+    options: dict[str, Any] = {}
+    if "AWS_ACCESS_KEY_ID" in creds:
+        options["key"] = creds["AWS_ACCESS_KEY_ID"]
+        options["secret"] = creds.get("AWS_SECRET_ACCESS_KEY")
+    if "AWS_SESSION_TOKEN" in creds:
+        options["token"] = creds["AWS_SESSION_TOKEN"]
+    if "AWS_ENDPOINT_URL" in creds:
+        options["endpoint_url"] = creds["AWS_ENDPOINT_URL"]
+    if "AWS_REGION" in creds:
+        options["client_kwargs"] = {"region_name": creds["AWS_REGION"]}
+    return options
 
 
 def split_source(source: str) -> tuple[str, str]:

@@ -40,7 +40,8 @@ class LoadRequest(BaseModel):
     revision: str | None = Field(default=None, max_length=256)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
     pinned: bool = False
-    token: str | None = Field(default=None, repr=False)  # for a private source; never echoed
+    # A LoraAdapter secretRef's data (HF_TOKEN, AWS_*, BEARER_TOKEN); used once, never echoed.
+    credentials: dict[str, str] | None = Field(default=None, repr=False)
 
 
 @router.get("")
@@ -65,7 +66,7 @@ async def load_adapter(name: str, body: LoadRequest, request: Request, response:
         revision=body.revision,
         sha256=body.sha256,
         pinned=body.pinned,
-        token=body.token,
+        credentials=body.credentials,
     )
     response.status_code = 201 if created else 200
     return describe(entry)
