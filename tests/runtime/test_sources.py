@@ -226,3 +226,17 @@ def test_base_model_from_a_source_uri(tmp_path, demo_dir):  # noqa: F811
         }
     finally:
         runtime.stop()
+
+
+@pytest.mark.slow
+def test_real_s3fs_against_an_unreachable_endpoint_is_a_502(tmp_path):
+    # s3fs retries with backoff, hence slow; the error must still be ours, not botocore's.
+    fetcher = Fetcher(tmp_path / "cache", tmp_path / "pvc")
+    secret = {
+        "AWS_ACCESS_KEY_ID": "a",
+        "AWS_SECRET_ACCESS_KEY": "b",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+    }
+    with pytest.raises(SourceUnreachable) as err:
+        fetcher.fetch("s3://bucket/adapter", credentials=secret)
+    assert err.value.status == 502

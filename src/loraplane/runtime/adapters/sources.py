@@ -148,7 +148,7 @@ class Fetcher:
             raise SourceNotFound(f"s3://{rest}: {e} not found") from e
         except PermissionError as e:
             raise SourceUnreachable(f"s3://{rest}: access denied ({e}); check the secret") from e
-        except OSError as e:
+        except Exception as e:  # botocore's connection errors are not OSErrors
             raise SourceUnreachable(f"s3://{rest} could not be read: {e}") from e
 
     def _filesystem(self, protocol: str, options: dict[str, Any]) -> Any:
