@@ -122,3 +122,12 @@ def test_sigterm_finishes_running_requests_then_exits_zero(demo_dir, tmp_path): 
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_model_that_cannot_be_served_exits_2_with_the_reason(tmp_path):
+    from loraplane.runtime.__main__ import main
+
+    assert main(["--model", str(tmp_path), "--device", "cpu"]) == 2
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    assert main(["--model", f"file://{tmp_path}", "--device", "cpu"]) == 2
+    assert main(["--model", "pvc://claim/../../x", "--device", "cpu"]) == 2

@@ -158,7 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"loraplane-runtime: {e}", file=sys.stderr)
         return 2
-    serve(config)
+    from loraplane.runtime.adapters.errors import AdapterError
+
+    try:
+        serve(config)
+    except AdapterError as e:  # --model from a source that failed: say why, no traceback
+        print(f"loraplane-runtime: --model {config.model}: {e.message}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:  # not a model we can serve
+        print(f"loraplane-runtime: --model {config.model}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

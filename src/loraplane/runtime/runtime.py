@@ -11,6 +11,7 @@ from loraplane.runtime.adapters.sources import Fetcher, split_source
 from loraplane.runtime.config import RuntimeConfig
 from loraplane.runtime.engine import Engine
 from loraplane.runtime.metrics import Metrics
+from loraplane.runtime.model import ModelConfig
 from loraplane.runtime.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ class Runtime:
         self.config = config
         self.fetcher = fetcher or Fetcher(config.cache_dir, config.pvc_root, config.hf_token)
         self.model_dir = self._model_dir()
+        ModelConfig.from_dir(self.model_dir)  # refuse an unservable model before anything loads
         self.base_name = config.served_model_name or self._default_name()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.metrics = Metrics()

@@ -58,6 +58,17 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         model_type = hf.get("model_type", "")
+        if model_type not in SUPPORTED_TYPES:
+            raise ValueError(
+                f"model_type {model_type!r} is not served; supported: {SUPPORTED_TYPES}"
+            )
+        try:
+            return cls._from_hf(hf, model_type)
+        except KeyError as e:
+            raise ValueError(f"config.json has no {e.args[0]!r}") from e
+
+    @classmethod
+    def _from_hf(cls, hf: dict[str, Any], model_type: str) -> ModelConfig:
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not served; only silu")
         heads = hf["num_attention_heads"]
