@@ -256,3 +256,32 @@ def test_a_client_that_hangs_up_has_its_sequence_aborted(server, monkeypatch):
     assert samples(server).get(key, 0) - before.get(key, 0) == 1
     assert time.monotonic() - started < 4, "the sequence ran on after the client left"
     assert not server.runtime.engine.scheduler.running
+
+
+def test_a_stream_closed_early_aborts_its_sequence(server, monkeypatch):
+    runner = server.runtime.runner
+    real_run = runner.run
+
+    def slow(seqs, slots):
+        time.sleep(0.04)
+        return real_run(seqs, slots)
+
+    monkeypatch.setattr(runner, "run", slow)
+    before = samples(server)
+    body = {
+        "model": "poet",
+        "prompt": "hello",
+        "max_tokens": 150,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                break  # one chunk, then hang up
+    started = time.monotonic()
+    key = ("loraplane_requests_total", (("adapter", "poet"), ("status", "abort")))
+    while time.monotonic() - started < 10 and samples(server).get(key, 0) == before.get(key, 0):
+        time.sleep(0.05)
+    assert samples(server).get(key, 0) - before.get(key, 0) == 1
+    assert time.monotonic() - started < 3, "the stream's sequence ran on after the client left"
