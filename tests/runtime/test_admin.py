@@ -58,7 +58,7 @@ def test_put_is_idempotent_reports_residency_and_replaces(server, demo_dir, tmp_
     info = first.json()
     assert info["sha256"] == sha.hexdigest() and info["rank"] == 8
     assert info["target_modules"] == ["q_proj", "v_proj"] and info["tier"] in ("gpu", "cpu")
-    assert info["size_bytes"] > 0 and info["state"] == "ready" and info["loaded_at"]
+    assert info["size_bytes"] > 0 and info["state"] == "loaded" and info["loaded_at"]
     again = put(server, "sql", source=source)
     assert again.status_code == 200 and again.json()["loaded_at"] == info["loaded_at"]
     other = copy_adapter(adapters["sql-expert"], tmp_path / "v2", lora_alpha=4)

@@ -72,7 +72,7 @@ class AdapterEntry:
     def state(self) -> str:
         if self.error:
             return "failed"
-        return "unloading" if self.retired else "ready"
+        return "unloading" if self.retired else "loaded"
 
 
 @dataclass
