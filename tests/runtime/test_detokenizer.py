@@ -45,3 +45,28 @@ def test_partial_characters_are_held_back_until_complete_or_final():
 def test_a_tail_that_may_start_a_stop_string_is_held_then_released():
     deltas, s = feed(["hello ", "wo", "rk", " done"], stop=("world",))
     assert deltas == ["hello ", "", "work", " done"] and s.stop_hit is None
+
+
+class LeadingSpace(Chars):
+    """SentencePiece-like: '▁' is a space, and a decoded text never starts with one."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        super().__init__(pieces)
+        self.lengths: list[int] = []
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.lengths.append(len(ids))
+        return super().decode(ids).replace("▁", " ").lstrip(" ")
+
+
+def test_windowed_decoding_is_exact_and_stays_short():
+    pieces = ["▁hello", "▁wor", "ld", "▁again", *["▁x"] * 200]
+    tokenizer = LeadingSpace(pieces)
+    detok = Detokenizer(tokenizer)
+    s = Sequence([0], SamplingParams(max_tokens=500))
+    streamed = ""
+    for i in range(len(pieces)):
+        s.output_ids.append(i)
+        streamed += detok.update(s, final=i == len(pieces) - 1)
+    assert streamed == "hello world again" + " x" * 200
+    assert max(tokenizer.lengths) <= 3  # never the whole output

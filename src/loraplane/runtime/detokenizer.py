@@ -1,9 +1,11 @@
 """Incremental detokenization and stop strings, per sequence.
 
-Decoding the whole output each step is quadratic but simple and exact. Two things are held
-back from the stream until the next token decides them: a trailing U+FFFD (the next token may
-complete the character) and a tail that could be the start of a stop string (text a client
-has received cannot be taken back when the stop string completes).
+Each step decodes a short window of the newest tokens, not the whole output (which would
+make long generations quadratic): the window starts one decode back so tokenizers that
+change a token's text by what precedes it (SentencePiece's leading spaces) stay exact. Two
+things are held back from the stream until the next token decides them: a trailing U+FFFD
+(the next token may complete the character) and a tail that could be the start of a stop
+string (text a client has received cannot be taken back when the stop string completes).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ class Detokenizer:
 
     def update(self, seq: Sequence, final: bool) -> str:
         """Advance seq.text (the text streamed so far) by the newest token; return the delta."""
-        full = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        self._decode_window(seq, final)
+        full = seq.decoded
         stops = seq.params.stop
         longest = max((len(s) for s in stops), default=0)
         start = max(0, len(seq.text) - longest)
@@ -33,13 +36,20 @@ class Detokenizer:
             end = hit[0]
         elif final:
             end = len(full)
-        elif full.endswith("\ufffd"):
-            return ""
         else:
             end = len(full) - _stop_prefix_len(full, stops)
         delta = full[len(seq.text) : end] if end > len(seq.text) else ""
         seq.text += delta
         return delta
+
+    def _decode_window(self, seq: Sequence, final: bool) -> None:
+        ids = seq.output_ids
+        decode = self.tokenizer.decode
+        before = decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
+        after = decode(ids[seq.prefix_offset :], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            seq.decoded += after[len(before) :]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
 
 
 def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:

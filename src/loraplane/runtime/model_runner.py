@@ -67,7 +67,7 @@ class ModelRunner:
         token_slots: list[int] = []
         qlens, clens = [], []
         for seq, slot in zip(seqs, slots, strict=True):
-            new = seq.tokens[seq.num_cached :]
+            new = seq.uncached_tokens()
             ids += new
             token_slots += [slot] * len(new)
             qlens.append(len(new))

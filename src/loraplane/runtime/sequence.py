@@ -29,7 +29,10 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose k/v are in the cache
     started: bool = False  # has been in a forward pass (left the waiting queue once)
-    text: str = ""  # detokenized output, stop strings cut off
+    text: str = ""  # output text streamed so far (stop strings cut off)
+    decoded: str = ""  # output text decoded so far, some of it maybe not streamed yet
+    prefix_offset: int = 0  # detokenizer window: output_ids[prefix_offset:read_offset] is
+    read_offset: int = 0  # decoded already and is re-decoded as context for the next token
     finish_reason: str | None = None  # "stop" (eos or stop string) or "length" or "abort"
     stop_hit: str | None = None
     arrival: float = 0.0
@@ -39,6 +42,13 @@ class Sequence:
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def uncached_tokens(self) -> list[int]:
+        """Tokens whose k/v are not in the cache yet: one per decode, all after preemption."""
+        n = len(self.prompt_ids)
+        if self.num_cached >= n:
+            return self.output_ids[self.num_cached - n :]
+        return self.prompt_ids[self.num_cached :] + self.output_ids
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
