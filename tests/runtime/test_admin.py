@@ -188,3 +188,36 @@ def test_every_validation_error_is_a_clear_4xx(server, demo_dir, tmp_path):  # n
             failures.append((name, body, r.status_code, message))
     assert not failures, "\n".join(map(str, failures))
     assert httpx.get(f"{server.url}/v1/adapters", headers=AUTH).json()["adapters"] == []
+
+
+async def test_a_retried_put_joins_the_load_in_flight(server, demo_dir, monkeypatch):  # noqa: F811
+    import asyncio
+    import threading
+
+    _, adapters = demo_dir
+    fetcher = server.runtime.adapters.fetcher
+    real_fetch = fetcher.fetch
+    calls = []
+    release = threading.Event()
+
+    def slow_fetch(*args, **kwargs):
+        calls.append(args)
+        release.wait(10)  # a slow download
+        return real_fetch(*args, **kwargs)
+
+    monkeypatch.setattr(fetcher, "fetch", slow_fetch)
+    body = {"source": str(adapters["sql-expert"])}
+    async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as client:
+        first = asyncio.create_task(client.put("/v1/adapters/slow", json=body))
+        while not calls:
+            await asyncio.sleep(0.01)
+        retry = asyncio.create_task(client.put("/v1/adapters/slow", json=body))
+        listed = (await client.get("/v1/adapters")).json()["adapters"]
+        assert [(a["name"], a["state"]) for a in listed] == [("slow", "loading")]
+        await asyncio.sleep(0.1)
+        release.set()
+        statuses = sorted([(await first).status_code, (await retry).status_code])
+        assert statuses == [200, 201] and len(calls) == 1
+        listed = (await client.get("/v1/adapters")).json()["adapters"]
+        assert [(a["name"], a["state"]) for a in listed] == [("slow", "loaded")]
+        assert (await client.delete("/v1/adapters/slow")).status_code == 200

@@ -75,6 +75,19 @@ class AdapterEntry:
         return "unloading" if self.retired else "loaded"
 
 
+@dataclass(eq=False)
+class Loading:
+    """A load in progress: what it fetches, and its outcome for loads that join it."""
+
+    key: tuple[str, str | None, str | None]  # source, revision, sha256
+    source: str
+    revision: str | None
+    started_at: float = field(default_factory=time.time)
+    done: threading.Event = field(default_factory=threading.Event)
+    entry: AdapterEntry | None = None
+    error: Exception | None = None
+
+
 @dataclass
 class ModelFacts:
     """What validation needs to know about the served base model."""
@@ -113,6 +126,7 @@ class AdapterManager:
         self.host: OrderedDict[int, AdapterEntry] = OrderedDict()  # uid -> entry, LRU first
         self.slots = SlotTable(max_adapters)
         self.pending: list[tuple[int, AdapterEntry]] = []
+        self.loading: dict[str, Loading] = {}
         self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
 
     # -- registry (HTTP threads) --------------------------------------------------------------
@@ -126,13 +140,52 @@ class AdapterManager:
         pinned: bool = False,
         credentials: dict[str, str] | None = None,
     ) -> tuple[AdapterEntry, bool]:
-        """Fetch, verify and validate an adapter; (entry, created). Blocking: run off the loop."""
+        """Fetch, verify and validate an adapter; (entry, created). Blocking: run off the loop.
+
+        A second load of the same name and source while the first is still fetching waits
+        for it instead of fetching again (an operator retrying a slow PUT).
+        """
         check_name(name)
+        key = (source, revision, sha256)
         with self.lock:
             current = self.entries.get(name)
             if current is not None and current.same_source(source, revision, sha256):
                 self._set_pinned(current, pinned)
                 return current, False
+            inflight = self.loading.get(name)
+            joining = inflight is not None and inflight.key == key
+            if not joining:
+                inflight = Loading(key=key, source=source, revision=revision)
+                self.loading[name] = inflight
+        assert inflight is not None
+        if joining:
+            inflight.done.wait()
+            if inflight.error is not None:
+                raise inflight.error
+            assert inflight.entry is not None
+            return inflight.entry, False
+        try:
+            inflight.entry = self._load(name, source, revision, sha256, pinned, credentials)
+        except Exception as e:
+            inflight.error = e
+            raise
+        finally:
+            with self.lock:
+                if self.loading.get(name) is inflight:
+                    del self.loading[name]
+            inflight.done.set()
+        self.on_change()
+        return inflight.entry, True
+
+    def _load(
+        self,
+        name: str,
+        source: str,
+        revision: str | None,
+        sha256: str | None,
+        pinned: bool,
+        credentials: dict[str, str] | None,
+    ) -> AdapterEntry:
         local = self.fetcher.fetch(source, revision, credentials)
         entry = self._read(name, source, revision, sha256, local)
         entry.pinned = pinned
@@ -146,8 +199,11 @@ class AdapterManager:
                 self._retire(old)
             self._claim_free_slot(entry)
             self._trim_host()
-        self.on_change()
-        return entry, True
+        return entry
+
+    def loading_now(self) -> dict[str, Loading]:
+        with self.lock:
+            return dict(self.loading)
 
     def _read(
         self, name: str, source: str, revision: str | None, sha256: str | None, local: Path

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraplane.runtime.adapters.manager import AdapterEntry
+from loraplane.runtime.adapters.manager import AdapterEntry, Loading
 from loraplane.runtime.runtime import Runtime
 from loraplane.runtime.server.errors import APIError
 
@@ -47,7 +47,12 @@ class LoadRequest(BaseModel):
 @router.get("")
 async def list_adapters(request: Request):
     runtime: Runtime = request.app.state.runtime
-    return {"adapters": [describe(e) for e in runtime.adapters.registered()]}
+    adapters = [describe(e) for e in runtime.adapters.registered()]
+    loaded = {a["name"] for a in adapters}
+    for name, inflight in sorted(runtime.adapters.loading_now().items()):
+        if name not in loaded:  # a replacement in flight: the served entry is what counts
+            adapters.append(describe_loading(name, inflight))
+    return {"adapters": adapters}
 
 
 @router.get("/{name}")
@@ -77,6 +82,26 @@ async def unload_adapter(name: str, request: Request):
     runtime: Runtime = request.app.state.runtime
     entry = runtime.adapters.unregister(name)
     return {"name": name, "state": "unloading" if entry.refs else "unloaded"}
+
+
+def describe_loading(name: str, inflight: Loading) -> dict[str, Any]:
+    """A load still fetching or validating: no weights yet, so nothing to report but that."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(inflight.started_at))
+    return {
+        "name": name,
+        "source": inflight.source,
+        "revision": inflight.revision,
+        "sha256": None,
+        "pinned": False,
+        "state": "loading",
+        "tier": None,
+        "rank": None,
+        "target_modules": None,
+        "size_bytes": None,
+        "loaded_at": None,
+        "loading_since": started,
+        "error": None,
+    }
 
 
 def describe(entry: AdapterEntry) -> dict[str, Any]:
