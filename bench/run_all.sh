@@ -2,11 +2,28 @@
 # The one prepared benchmark run: check correctness, then time everything, printing every number.
 #   bench/run_all.sh --gpu   # a GPU machine, one call, well under 10 minutes on an H200
 #   bench/run_all.sh --cpu   # tiny sizes on a CPU under the Triton interpreter: proves the scripts
-# Installs nothing (make install does). Keeps going after a failure so one run gives every
-# number, and exits non-zero if any step failed.
+# Installs nothing from the network (make install does here). Keeps going after a failure so
+# one run gives every number, and exits non-zero if any step failed.
+#
+# On the lent GPU machine there is no .venv and no network: its python3 has torch, triton,
+# transformers and peft, and bench/gpu_wheels.sh (run here first) puts the rest in .whl/,
+# which this script installs into /tmp/site. The device call: carry [".whl"], command
+# "bench/run_all.sh --gpu".
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+if [[ -x .venv/bin/python ]]; then
+  PY=${PY:-.venv/bin/python}
+else
+  PY=${PY:-python3}
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+  fi
+  # The project is not pip-installed there: import it from the tree.
+  export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
 mode=${1:-}
 status=0
 
