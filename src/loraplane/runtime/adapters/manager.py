@@ -1,100 +1,24 @@
-"""The adapter registry: name -> entry, and the tiers an entry's weights live in.
-
-Tiers: `gpu` (in a slot of the runner's stacked buffers), `cpu` (host copy, ready to be copied
-into a slot), `disk` (only the files; read back on demand). Slots and host copies are handed out
-LRU; pinned adapters are never evicted, and an adapter whose requests are running is never
-evicted from its slot. The manager decides slot ids; copying weights into a slot is the model
-runner's job, on the engine thread.
+"""The adapter registry: name -> entry, the loads in flight, and the engine's way to the tiers.
 
 Each load makes a new entry; replacing or deleting a name retires the old entry, which keeps
-serving the requests that already hold it and is freed when the last one finishes.
+serving the requests that already hold it and is freed when the last one finishes. Where an
+entry's weights live (GPU slot, host copy, disk) is placement.py's to decide.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
-import logging
 import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraplane.runtime.adapters.entry import AdapterEntry, Loading, ModelFacts
 from loraplane.runtime.adapters.errors import AdapterNotFound, Conflict, Incompatible
 from loraplane.runtime.adapters.names import check_name
-from loraplane.runtime.adapters.slot_table import SlotTable
+from loraplane.runtime.adapters.placement import Placement
 from loraplane.runtime.adapters.sources import Fetcher
 from loraplane.runtime.adapters.validation import check_compatible
-from loraplane.runtime.lora import AdapterFormatError, AdapterWeights, read_peft_adapter
-
-log = logging.getLogger(__name__)
-_uids = itertools.count(1)
-
-
-@dataclass(eq=False)
-class AdapterEntry:
-    name: str
-    source: str
-    revision: str | None
-    expected_sha256: str | None
-    sha256: str
-    local_dir: Path
-    rank: int
-    target_modules: list[str]
-    size_bytes: int
-    pinned: bool = False
-    weights: AdapterWeights | None = None
-    slot: int | None = None
-    refs: int = 0  # requests accepted for this entry and not yet finished
-    retired: bool = False
-    reloading: bool = False
-    error: str | None = None
-    loaded_at: float = field(default_factory=time.time)
-    uid: int = field(default_factory=lambda: next(_uids))
-
-    def same_source(self, source: str, revision: str | None, sha256: str | None) -> bool:
-        return (
-            self.source == source
-            and self.revision == revision
-            and (sha256 is None or sha256 == self.sha256)
-        )
-
-    @property
-    def tier(self) -> str:
-        if self.slot is not None:
-            return "gpu"
-        return "cpu" if self.weights is not None else "disk"
-
-    @property
-    def state(self) -> str:
-        if self.error:
-            return "failed"
-        return "unloading" if self.retired else "loaded"
-
-
-@dataclass(eq=False)
-class Loading:
-    """A load in progress: what it fetches, and its outcome for loads that join it."""
-
-    key: tuple[str, str | None, str | None]  # source, revision, sha256
-    source: str
-    revision: str | None
-    started_at: float = field(default_factory=time.time)
-    done: threading.Event = field(default_factory=threading.Event)
-    entry: AdapterEntry | None = None
-    error: Exception | None = None
-
-
-@dataclass
-class ModelFacts:
-    """What validation needs to know about the served base model."""
-
-    names: set[str]  # every name the base goes by: served name, source, directory
-    modules: set[str]  # module paths of every nn.Linear in the base
-    lora_modules: set[str]  # the ones wrapped by inject_lora
+from loraplane.runtime.lora import AdapterFormatError, read_peft_adapter
 
 
 def sha256_file(path: Path) -> str:
@@ -117,17 +41,14 @@ class AdapterManager:
     ) -> None:
         self.fetcher = fetcher
         self.facts = facts
-        self.max_cpu_adapters = max_cpu_adapters
         self.max_rank = max_rank
         self.on_change = on_change
         self.lock = threading.RLock()
         self.entries: dict[str, AdapterEntry] = {}
         self.retired: list[AdapterEntry] = []
-        self.host: OrderedDict[int, AdapterEntry] = OrderedDict()  # uid -> entry, LRU first
-        self.slots = SlotTable(max_adapters)
-        self.pending: list[tuple[int, AdapterEntry]] = []
         self.loading: dict[str, Loading] = {}
-        self._reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-read")
+        self.placement = Placement(self.lock, max_adapters, max_cpu_adapters, on_change)
+        self.slots = self.placement.slots  # the engine asks it for a free slot
 
     # -- registry (HTTP threads) --------------------------------------------------------------
 
@@ -194,11 +115,9 @@ class AdapterManager:
                 self._check_pin_room(exclude=name)
             old = self.entries.get(name)
             self.entries[name] = entry
-            self.host[entry.uid] = entry
             if old is not None:
                 self._retire(old)
-            self._claim_free_slot(entry)
-            self._trim_host()
+            self.placement.admit(entry)
         return entry
 
     def loading_now(self) -> dict[str, Loading]:
@@ -241,22 +160,6 @@ class AdapterManager:
             size_bytes=weights.size_bytes,
             weights=weights,
         )
-
-    def _claim_free_slot(self, entry: AdapterEntry) -> None:
-        # A new adapter takes a free slot at once (never evicting), so a burst of loads fills
-        # the slots before the host tier's limit pushes anything to disk.
-        if self.slots.free_count() == 0:
-            return
-        slot, _ = self.slots.allocate(entry, lambda _: False)
-        self.host.pop(entry.uid, None)
-        entry.slot = slot
-        self.pending.append((slot, entry))
-
-    def take_pending(self) -> list[tuple[int, AdapterEntry]]:
-        """Slots assigned off the engine thread whose weights the runner must copy in now."""
-        with self.lock:
-            pending, self.pending = self.pending, []
-        return [(slot, e) for slot, e in pending if e.slot == slot and e.weights is not None]
 
     def _set_pinned(self, entry: AdapterEntry, pinned: bool) -> None:
         if pinned and not entry.pinned:
@@ -316,53 +219,26 @@ class AdapterManager:
 
     # -- placement (engine thread) ------------------------------------------------------------
 
+    def take_pending(self) -> list[tuple[int, AdapterEntry]]:
+        """Slots assigned off the engine thread whose weights the runner must copy in now."""
+        return self.placement.take_pending()
+
     def place(self, entry: AdapterEntry, busy: set[int]) -> int | None:
-        """The slot entry will be in for this step, or None if it cannot be yet.
-
-        When a slot is newly assigned the caller must copy entry.weights into it before the
-        forward pass. busy holds the uids of adapters whose sequences are in this step.
-        """
-        with self.lock:
-            if entry.slot is not None:
-                self.slots.touch(entry.slot)
-                return entry.slot
-            if entry.weights is None:
-                self._reload(entry)
-                return None
-
-            def evictable(e: AdapterEntry) -> bool:
-                return not e.pinned and e.uid not in busy
-
-            if not self.slots.can_allocate(evictable):
-                return None
-            slot, evicted = self.slots.allocate(entry, evictable)
-            self.host.pop(entry.uid, None)
-            entry.slot = slot
-            if evicted is not None:
-                evicted.slot = None
-                if evicted.retired and evicted.refs == 0:
-                    evicted.weights = None
-                else:
-                    self.host[evicted.uid] = evicted
-                self._trim_host()
-            return slot
+        """The slot entry will be in for this step, or None if it cannot be yet (Placement.place)."""
+        return self.placement.place(entry, busy)
 
     def unplaced(self) -> list[AdapterEntry]:
         """Registered adapters with a host copy and no slot, pinned ones first."""
         with self.lock:
             for entry in self.entries.values():
                 if entry.pinned and entry.slot is None and entry.weights is None:
-                    self._reload(entry)  # a pinned adapter pushed to disk before its pin
+                    self.placement.reload(entry)  # a pinned adapter pushed to disk before its pin
             waiting = [e for e in self.entries.values() if e.slot is None and e.weights]
         return sorted(waiting, key=lambda e: (not e.pinned, e.loaded_at))
 
     def fail(self, entry: AdapterEntry, error: str) -> None:
         """Stop serving an adapter that could not be put in its slot; the operator sees why."""
-        with self.lock:
-            entry.error = error
-            if entry.slot is not None:
-                self.slots.deallocate(entry.slot)
-                entry.slot = None
+        self.placement.fail(entry, error)
 
     def reap(self) -> list[int]:
         """Free retired entries no request holds any more; returns the slots to clear."""
@@ -370,51 +246,13 @@ class AdapterManager:
         with self.lock:
             for entry in [e for e in self.retired if e.refs == 0]:
                 self.retired.remove(entry)
-                if entry.slot is not None:
-                    self.slots.deallocate(entry.slot)
-                    cleared.append(entry.slot)
-                    entry.slot = None
-                self.host.pop(entry.uid, None)
-                entry.weights = None
+                slot = self.placement.free(entry)
+                if slot is not None:
+                    cleared.append(slot)
         return cleared
 
-    def _trim_host(self) -> None:
-        over = len(self.host) - self.max_cpu_adapters
-        for uid, entry in list(self.host.items()):
-            if over <= 0:
-                break
-            if entry.pinned or entry.refs > 0:
-                continue
-            del self.host[uid]
-            entry.weights = None
-            over -= 1
-
-    def _reload(self, entry: AdapterEntry) -> None:
-        if entry.reloading or entry.error:
-            return
-        entry.reloading = True
-        self._reader.submit(self._read_back, entry)
-
-    def _read_back(self, entry: AdapterEntry) -> None:
-        try:
-            weights = read_peft_adapter(entry.local_dir)
-        except (AdapterFormatError, OSError) as e:
-            log.error(
-                "adapter %s could not be read back from %s: %s", entry.name, entry.local_dir, e
-            )
-            with self.lock:
-                entry.error = f"read back from {entry.local_dir} failed: {e}"
-                entry.reloading = False
-        else:
-            with self.lock:
-                entry.weights = weights
-                entry.reloading = False
-                self.host[entry.uid] = entry
-                self._trim_host()
-        self.on_change()
-
     def close(self) -> None:
-        self._reader.shutdown(wait=False, cancel_futures=True)
+        self.placement.close()
 
 
-__all__ = ["AdapterEntry", "AdapterManager", "ModelFacts", "check_name"]
+__all__ = ["AdapterEntry", "AdapterManager", "Loading", "ModelFacts", "check_name"]
