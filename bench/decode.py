@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRESETS = {
@@ -66,16 +64,12 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    if args.cpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+    from device import choose_device
+
+    device, dtype, gpu = choose_device(args.cpu)
     import torch
 
-    device = torch.device("cpu" if args.cpu else "cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --cpu --tiny to prove the script on a CPU")
-    dtype = torch.float32 if args.cpu else torch.bfloat16
     preset = "tiny" if args.tiny else "llama3-8b"
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# bench/decode.py  {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"# device: {gpu}  torch {torch.__version__}  model {preset} {dtype}")
     print(f"# batch {args.batch}  context {args.context}  rank {args.rank}  N {args.ns}")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 
 SIZES = {
     "full": {"d_in": 4096, "d_out": 4096, "tokens": 64, "ns": (1, 8, 32, 64), "ranks": (8, 16, 64)},
@@ -28,21 +26,16 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    if args.cpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+    from device import choose_device
+
+    device, dtype, gpu = choose_device(args.cpu)
     import torch
 
     from loraplane.runtime.lora.batch import choose_block_m
 
-    device = torch.device("cpu" if args.cpu else "cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --cpu --tiny to prove the script on a CPU")
     size = SIZES["tiny" if args.tiny else "full"]
-    # The interpreter truncates fp32 -> bf16 (see tests/runtime/test_kernels.py): fp32 there.
-    dtype = torch.float32 if args.cpu else torch.bfloat16
     iters = args.iters or (3 if args.cpu else 50)
     slots = max(size["ns"])
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# bench/kernels.py  {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"# device: {gpu}  torch {torch.__version__}  dtype {dtype}  size {size}")
     if args.cpu:
