@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from e2e.cluster.testing import Kube, wait_for
+from e2e.cluster.testing import Kube, is_ready, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -44,14 +44,7 @@ def test_scaling_a_deployment_starts_and_stops_processes(kube: Kube, namespace: 
 
     def ready_ips() -> set[str]:
         pods = kube.get_json("pods", "-n", namespace, "-l", "app=web")["items"]
-        return {
-            p["status"]["podIP"]
-            for p in pods
-            if any(
-                c["type"] == "Ready" and c["status"] == "True"
-                for c in p["status"].get("conditions") or []
-            )
-        }
+        return {p["status"]["podIP"] for p in pods if is_ready(p)}
 
     def three() -> set[str] | None:
         got = ready_ips()

@@ -44,6 +44,12 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float 
         time.sleep(interval)
 
 
+def is_ready(obj: dict) -> bool:
+    """Whether a Pod's or a Node's Ready condition is True."""
+    conds = obj.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+
 @dataclass
 class Kube:
     """A cluster as tests see it: kubectl, the Python client, and where logs are."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from e2e.cluster.testing import KWOK_SET, KWOK_TOLERATION, Kube, kwok_nodes, wait_for
+from e2e.cluster.testing import KWOK_SET, KWOK_TOLERATION, Kube, is_ready, kwok_nodes, wait_for
 
 
 def test_fifty_gpu_replicas_run_on_kwok_nodes(kube: Kube, namespace: str) -> None:
@@ -39,7 +39,7 @@ def test_fifty_gpu_replicas_run_on_kwok_nodes(kube: Kube, namespace: str) -> Non
     }
     with kwok_nodes(kube, f"{namespace}-", count=7, gpus=8) as names:
         wait_for(
-            lambda: all(_ready(kube.get_json("node", n)) for n in names), 60, "kwok nodes Ready"
+            lambda: all(is_ready(kube.get_json("node", n)) for n in names), 60, "kwok nodes Ready"
         )
         kube.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(deploy))
         status = wait_for(
@@ -63,10 +63,3 @@ def test_fifty_gpu_replicas_run_on_kwok_nodes(kube: Kube, namespace: str) -> Non
             per_node[p["spec"]["nodeName"]] = per_node.get(p["spec"]["nodeName"], 0) + 1
         assert max(per_node.values()) <= 8, per_node
         kube.kubectl("delete", "deploy", "many", "-n", namespace, "--wait=false")
-
-
-def _ready(node: dict) -> bool:
-    return any(
-        c["type"] == "Ready" and c["status"] == "True"
-        for c in node.get("status", {}).get("conditions") or []
-    )

@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from e2e.cluster.testing import Kube, wait_for
+from e2e.cluster.testing import Kube, is_ready, wait_for
 
 
 @pytest.fixture
@@ -55,11 +55,6 @@ def create(kube: Kube, ns: str, obj: dict) -> None:
 
 def pods(kube: Kube, ns: str, selector: str) -> list[dict]:
     return kube.get_json("pods", "-n", ns, "-l", selector)["items"]
-
-
-def ready(pod: dict) -> bool:
-    conds = pod.get("status", {}).get("conditions") or []
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
 
 
 def http_get(url: str) -> tuple[int, bytes]:
@@ -175,7 +170,7 @@ def test_pod_env_is_resolved_and_has_its_service_account(local: Kube, namespace:
     create(local, namespace, pod)
     got = wait_for(
         lambda: (
-            ready(local.get_json("pod", "env", "-n", namespace))
+            is_ready(local.get_json("pod", "env", "-n", namespace))
             and local.get_json("pod", "env", "-n", namespace)
         ),
         60,
@@ -323,7 +318,7 @@ def test_probes_gate_readiness_and_liveness_restarts(local: Kube, namespace: str
     }
     create(local, namespace, pod)
     wait_for(
-        lambda: ready(local.get_json("pod", "probed", "-n", namespace)), 30, "pod/probed Ready"
+        lambda: is_ready(local.get_json("pod", "probed", "-n", namespace)), 30, "pod/probed Ready"
     )
     # A liveness probe on a path that 404s fails twice, and the container is restarted.
     sick = dict(pod, metadata={"name": "sick"})
