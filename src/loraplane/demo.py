@@ -66,24 +66,8 @@ async def _ask_all(url: str, models: list[str]) -> list[tuple[str, str]]:
     return await asyncio.gather(*(one(m) for m in models))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loraplane.demo", description=__doc__)
-    default_cache = Path(os.environ.get("LORAPLANE_CACHE", Path.home() / ".cache" / "loraplane"))
-    parser.add_argument("--cache-dir", type=Path, default=default_cache / "demo")
-    parser.add_argument("--port", type=int, default=0, help="default: a free port")
-    parser.add_argument("--keep-serving", action="store_true", help="leave the server running")
-    args = parser.parse_args(argv)
-
-    from loraplane.runtime.tiny import build_taught_demo
-
-    print(f"building the tiny base model and adapters in {args.cache_dir} ...", flush=True)
-    # Each adapter is taught one line to say after the prompt; the random base says noise.
-    base, adapters = build_taught_demo(args.cache_dir / "models")
-    port = args.port or _free_port()
-    url = f"http://127.0.0.1:{port}"
-    token = secrets.token_hex(16)
-    env = os.environ | {"LORAPLANE_ADMIN_TOKEN": token}
-    cmd = [
+def _runtime_command(base: Path, port: int, cache_dir: Path) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "loraplane.runtime",
@@ -102,49 +86,81 @@ def main(argv: list[str] | None = None) -> int:
         "--max-batch-tokens",
         "2048",
         "--cache-dir",
-        str(args.cache_dir / "runtime"),
+        str(cache_dir),
         "--log-level",
         "warning",
     ]
+
+
+def _load_adapters(url: str, token: str, adapters: dict[str, Path]) -> None:
+    """Hot-load each adapter over the admin API, as the operator would, and say what it got."""
+    headers = {"Authorization": f"Bearer {token}"}
+    for name, path in adapters.items():
+        r = httpx.put(
+            f"{url}/v1/adapters/{name}",
+            headers=headers,
+            timeout=60,
+            json={"source": f"file://{path}"},
+        )
+        r.raise_for_status()
+        info = r.json()
+        print(
+            f"loaded adapter {name}: rank {info['rank']}, targets "
+            f"{','.join(info['target_modules'])}, tier {info['tier']}, "
+            f"sha256 {info['sha256'][:12]}"
+        )
+
+
+def _print_metrics(url: str) -> None:
+    print("\nmetrics:")
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(METRIC_PREFIXES):
+            print(f"  {line}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loraplane.demo", description=__doc__)
+    default_cache = Path(os.environ.get("LORAPLANE_CACHE", Path.home() / ".cache" / "loraplane"))
+    parser.add_argument("--cache-dir", type=Path, default=default_cache / "demo")
+    parser.add_argument("--port", type=int, default=0, help="default: a free port")
+    parser.add_argument("--keep-serving", action="store_true", help="leave the server running")
+    args = parser.parse_args(argv)
+
+    from loraplane.runtime.tiny import build_taught_demo
+
+    print(f"building the tiny base model and adapters in {args.cache_dir} ...", flush=True)
+    # Each adapter is taught one line to say after the prompt; the random base says noise.
+    base, adapters = build_taught_demo(args.cache_dir / "models")
+    port = args.port or _free_port()
+    url = f"http://127.0.0.1:{port}"
+    token = secrets.token_hex(16)
+    env = os.environ | {"LORAPLANE_ADMIN_TOKEN": token}
     print(f"starting the runtime on {url}", flush=True)
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(_runtime_command(base, port, args.cache_dir / "runtime"), env=env)
     try:
         _wait_ready(url, proc)
-        headers = {"Authorization": f"Bearer {token}"}
-        for name, path in adapters.items():
-            r = httpx.put(
-                f"{url}/v1/adapters/{name}",
-                headers=headers,
-                timeout=60,
-                json={"source": f"file://{path}"},
-            )
-            r.raise_for_status()
-            info = r.json()
-            print(
-                f"loaded adapter {name}: rank {info['rank']}, targets "
-                f"{','.join(info['target_modules'])}, tier {info['tier']}, "
-                f"sha256 {info['sha256'][:12]}"
-            )
+        _load_adapters(url, token, adapters)
         models = [BASE_NAME, *adapters]
         print(f"\none concurrent batch, prompt {DEMO_PROMPT!r}, greedy:")
         for model, text in asyncio.run(_ask_all(url, models)):
             print(f"  {model:>12}: {text!r}")
-        print("\nmetrics:")
-        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-            if line.startswith(METRIC_PREFIXES):
-                print(f"  {line}")
+        _print_metrics(url)
         if args.keep_serving:
             print(f"\nserving on {url} (admin token {token}); Ctrl-C to stop", flush=True)
             proc.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop(proc)
     print(
         "\ndone: the runtime shut down cleanly"
         if proc.returncode == 0
