@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from loraplane.runtime.config import RuntimeConfig
@@ -16,6 +17,44 @@ def parse_args(
     argv: list[str] | None = None, environ: dict[str, str] | None = None
 ) -> RuntimeConfig:
     env = os.environ if environ is None else environ
+    p = _parser(env)
+    a = p.parse_args(argv)
+    adapters = {}
+    for item in a.adapter:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            p.error(f"--adapter {item!r} must be NAME=SOURCE")
+        adapters[name] = source
+    token = env.get("LORAPLANE_ADMIN_TOKEN")
+    if a.admin_token_file is not None:
+        token = a.admin_token_file.read_text().strip()
+    logging.basicConfig(
+        level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return RuntimeConfig(
+        model=a.model,
+        served_model_name=a.served_model_name,
+        base_model_aliases=tuple(a.base_model_alias),
+        host=a.host,
+        port=a.port,
+        device=a.device,
+        dtype=a.dtype or ("bfloat16" if a.device == "cuda" else "float32"),
+        max_adapters=a.max_adapters,
+        max_cpu_adapters=a.max_cpu_adapters,
+        max_lora_rank=a.max_lora_rank,
+        max_batch_tokens=a.max_batch_tokens,
+        max_queue=a.max_queue,
+        max_running=a.max_running,
+        adapters=adapters,
+        admin_token=token or None,
+        cache_dir=a.cache_dir,
+        pvc_root=a.pvc_root,
+        hf_token=env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN"),
+        shutdown_timeout_s=a.shutdown_timeout,
+    )
+
+
+def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     d = RuntimeConfig(model="unset")
     p = argparse.ArgumentParser(prog="loraplane-runtime", description=__doc__)
     p.add_argument("--model", required=True, help="local directory or source URI of the base")
@@ -80,40 +119,7 @@ def parse_args(
     )
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s)
     p.add_argument("--log-level", default="info")
-    a = p.parse_args(argv)
-    adapters = {}
-    for item in a.adapter:
-        name, sep, source = item.partition("=")
-        if not sep or not name or not source:
-            p.error(f"--adapter {item!r} must be NAME=SOURCE")
-        adapters[name] = source
-    token = env.get("LORAPLANE_ADMIN_TOKEN")
-    if a.admin_token_file is not None:
-        token = a.admin_token_file.read_text().strip()
-    logging.basicConfig(
-        level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return RuntimeConfig(
-        model=a.model,
-        served_model_name=a.served_model_name,
-        base_model_aliases=tuple(a.base_model_alias),
-        host=a.host,
-        port=a.port,
-        device=a.device,
-        dtype=a.dtype or ("bfloat16" if a.device == "cuda" else "float32"),
-        max_adapters=a.max_adapters,
-        max_cpu_adapters=a.max_cpu_adapters,
-        max_lora_rank=a.max_lora_rank,
-        max_batch_tokens=a.max_batch_tokens,
-        max_queue=a.max_queue,
-        max_running=a.max_running,
-        adapters=adapters,
-        admin_token=token or None,
-        cache_dir=a.cache_dir,
-        pvc_root=a.pvc_root,
-        hf_token=env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN"),
-        shutdown_timeout_s=a.shutdown_timeout,
-    )
+    return p
 
 
 def _has_cuda() -> bool:
