@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import httpx
@@ -135,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-serving", action="store_true", help="leave the server running")
     args = parser.parse_args(argv)
 
+    # A demo prints what it shows: no weight-loading progress bars or library deprecations.
+    quiet = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    os.environ.update({k: os.environ.get(k, v) for k, v in quiet.items()})
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     from loraplane.runtime.tiny import build_taught_demo
 
     print(f"building the tiny base model and adapters in {args.cache_dir} ...", flush=True)
