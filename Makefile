@@ -45,7 +45,7 @@ crds: install ## Generate crds/*.yaml and the chart's copy from the pydantic mod
 verify: install ## Fail when generated files (CRDs, chart copy) drift from the models
 	$(PY) -m loraplane.api.crdgen --out crds --chart charts/loraplane/crds --check
 
-demo: install ## Run the main job: a local demo of the whole system on an embedded default
+demo: install ## Run the main job: the runtime serving an embedded tiny model with hot-loaded adapters
 	$(PY) -m loraplane.demo
 
 cluster-bins: ## Build (cached) kube-apiserver, etcd, controller-manager, scheduler, kubectl, helm, kwok
