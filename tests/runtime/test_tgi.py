@@ -15,7 +15,7 @@ from server_fixtures import RunningServer, demo_dir, make_config  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS_VENV = ROOT / ".venv-clients"
-CLIENT_PACKAGES = ["text-generation", "lorax-client"]
+CLIENT_REQUIREMENTS = Path(__file__).with_name("clients-requirements.txt")
 PROMPT = "hello world"
 
 
@@ -111,12 +111,14 @@ def clients_python() -> Path:
         return python
     subprocess.run([sys.executable, "-m", "venv", str(CLIENTS_VENV)], check=True)
     pip = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", *CLIENT_PACKAGES],
+        [str(python), "-m", "pip", "install", "-q", "-r", str(CLIENT_REQUIREMENTS)],
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert pip.returncode == 0, f"installing {CLIENT_PACKAGES} failed:\n{pip.stderr[-2000:]}"
+    assert pip.returncode == 0, (
+        f"installing {CLIENT_REQUIREMENTS.name} failed:\n{pip.stderr[-2000:]}"
+    )
     return python
 
 
