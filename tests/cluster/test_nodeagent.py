@@ -108,11 +108,7 @@ SHOW_ENV = textwrap.dedent("""
     import http.server, json, os
     from kubernetes import client, config
     config.load_kube_config()  # KUBECONFIG, handed over by the node agent
-    cfg = client.Configuration.get_default_copy()
-    # kubernetes 36.0.0 loads the token under "authorization" but sends only "BearerToken"
-    # (kubernetes-client/python#2584); without this the request goes out anonymous.
-    cfg.api_key.setdefault("BearerToken", cfg.api_key.get("authorization"))
-    review = client.AuthenticationV1Api(client.ApiClient(cfg)).create_self_subject_review(
+    review = client.AuthenticationV1Api().create_self_subject_review(
         {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"})
     facts = dict(os.environ, WHOAMI=review.status.user_info.username)
     class H(http.server.BaseHTTPRequestHandler):
