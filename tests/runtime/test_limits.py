@@ -50,6 +50,7 @@ BAD_COMPLETIONS = [
     ({"prompt": [5, 99999]}, "vocabulary"),
     ({"prompt": []}, "prompt"),
     ({"prompt": "hi", "stream": True, "max_tokens": "many"}, "max_tokens"),
+    ({"prompt": "hi", "temperature": 1, "seed": 2**64}, "seed"),
 ]
 
 

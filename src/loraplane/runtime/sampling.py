@@ -24,6 +24,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        # torch.Generator.manual_seed's range; outside it the engine step itself would fail.
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
         if len(self.stop) > 16 or any(not s for s in self.stop):
             raise ValueError("stop takes at most 16 non-empty strings")
 
