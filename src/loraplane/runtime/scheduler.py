@@ -3,8 +3,11 @@
 Every running sequence decodes one token; waiting ones are admitted (prefill) in the same step
 while the token budget, the KV blocks and the adapter slots allow. Admission is round-robin
 across adapters, so a burst for one adapter cannot starve another; a sequence whose adapter is
-not in a slot yet is skipped without holding up the rest. When the cache runs out during
-decode, the newest sequence is preempted and later recomputed.
+not in a slot yet is skipped without holding up the rest. When adapters wait for a slot and
+every slot is held by an adapter with running requests, the least recently used holder takes
+no new requests until its running ones finish and its slot can change hands; otherwise
+adapters whose requests keep overlapping would keep the slots forever. When the cache runs
+out during decode, the newest sequence is preempted and later recomputed.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class Scheduler:
         self.max_running = max_running
         self.waiting: OrderedDict[str, deque[Sequence]] = OrderedDict()  # adapter -> FIFO
         self.running: list[Sequence] = []
+        self.draining: set[int] = set()  # uids of slot holders admitting nothing new
 
     @property
     def num_waiting(self) -> int:
@@ -108,8 +112,14 @@ class Scheduler:
         self.blocks.deallocate(seq)
         self.add(seq, front=True)
 
+    def _wanted(self) -> int:
+        """Adapters whose next request waits for a slot."""
+        heads = [q[0].adapter for q in self.waiting.values() if q]
+        return sum(1 for a in heads if a is not None and a.slot is None and not a.error)
+
     def _admit(self, step: Step, busy: set[int]) -> None:
         budget = self.max_batch_tokens - len(step.seqs)
+        self.draining = self.adapters.to_drain(self._wanted(), busy, self.draining)
         progress = True
         while progress and len(self.running) < self.max_running:
             progress = False
@@ -123,6 +133,8 @@ class Scheduler:
                     step.failed.append(seq)
                     continue
                 if len(seq) > budget or not self.blocks.can_allocate(seq):
+                    continue
+                if seq.adapter is not None and seq.adapter.uid in self.draining:
                     continue
                 slot = self._slot(seq, step, busy)
                 if slot is None:

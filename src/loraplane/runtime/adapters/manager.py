@@ -227,6 +227,10 @@ class AdapterManager:
         """The slot entry will be in for this step, or None if it cannot be yet (Placement.place)."""
         return self.placement.place(entry, busy)
 
+    def to_drain(self, wanted: int, busy: set[int], draining: set[int]) -> set[int]:
+        """Slot holders to take no new requests while adapters wait for a slot (Placement)."""
+        return self.placement.to_drain(wanted, busy, draining)
+
     def unplaced(self) -> list[AdapterEntry]:
         """Registered adapters with a host copy and no slot, pinned ones first."""
         with self.lock:

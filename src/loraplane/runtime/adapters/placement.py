@@ -99,6 +99,26 @@ class Placement:
                 self._trim_host()
             return slot
 
+    def to_drain(self, wanted: int, busy: set[int], draining: set[int]) -> set[int]:
+        """uids of slot holders that should take no new requests, so that `wanted` adapters
+        waiting for a slot get one when these finish their running requests.
+
+        Only needed for the slots that are neither free nor held by an idle adapter (those
+        change hands at once). LRU first and never pinned; holders already draining stay so,
+        so that one drains to the end instead of the choice moving from step to step.
+        """
+        with self.lock:
+            holders = [e.uid for e in self.slots.owner.values() if not e.pinned]
+            idle = sum(1 for u in holders if u not in busy)
+            short = wanted - self.slots.free_count() - idle
+            if short <= 0:
+                return set()
+            running = [u for u in holders if u in busy]
+            ordered = [u for u in running if u in draining] + [
+                u for u in running if u not in draining
+            ]
+            return set(ordered[:short])
+
     def fail(self, entry: AdapterEntry, error: str) -> None:
         """Stop serving an adapter that could not be put in its slot; the operator sees why."""
         with self.lock:
