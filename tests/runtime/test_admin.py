@@ -61,6 +61,8 @@ def test_put_is_idempotent_reports_residency_and_replaces(server, demo_dir, tmp_
     assert info["size_bytes"] > 0 and info["state"] == "loaded" and info["loaded_at"]
     again = put(server, "sql", source=source)
     assert again.status_code == 200 and again.json()["loaded_at"] == info["loaded_at"]
+    upper = put(server, "sql", source=source, sha256=sha.hexdigest().upper())
+    assert upper.status_code == 200 and upper.json()["loaded_at"] == info["loaded_at"]
     other = copy_adapter(adapters["sql-expert"], tmp_path / "v2", lora_alpha=4)
     replaced = put(server, "sql", source=f"file://{other}")
     assert replaced.status_code == 201 and replaced.json()["loaded_at"] >= info["loaded_at"]

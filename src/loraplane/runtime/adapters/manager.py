@@ -67,6 +67,8 @@ class AdapterManager:
         for it instead of fetching again (an operator retrying a slow PUT).
         """
         check_name(name)
+        # Hex digits in either case name the same digest: the same PUT must stay a no-op.
+        sha256 = sha256.lower() if sha256 else None
         key = (source, revision, sha256)
         with self.lock:
             current = self.entries.get(name)
