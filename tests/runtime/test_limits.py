@@ -121,6 +121,29 @@ def test_metrics_move_as_requests_are_served(server):
     assert after[("loraplane_adapter_load_seconds_count", ())] >= 1
 
 
+async def test_in_flight_and_queue_depth_gauges_follow_the_requests(server, monkeypatch):
+    real_run = server.runtime.runner.run
+
+    def slow(seqs, slots):
+        time.sleep(0.02)  # two requests of 40 tokens: long enough to be seen in the gauges
+        return real_run(seqs, slots)
+
+    monkeypatch.setattr(server.runtime.runner, "run", slow)
+    body = {"model": "poet", "prompt": "hello", "max_tokens": 40, "ignore_eos": True}
+    seen: set[tuple[float, float]] = set()
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        requests = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in "ab"]
+        while not all(r.done() for r in requests):
+            s = samples(server)
+            seen.add((s[("loraplane_requests_in_flight", ())], s[("loraplane_queue_depth", ())]))
+            await asyncio.sleep(0.01)
+        assert all(r.result().status_code == 200 for r in requests)
+    # max_running=1: one runs while the other waits for its first step.
+    assert (2, 1) in seen, seen
+    s = samples(server)
+    assert (s[("loraplane_requests_in_flight", ())], s[("loraplane_queue_depth", ())]) == (0, 0)
+
+
 async def test_full_queue_answers_429_and_serves_the_rest(server):
     body = {
         "model": "poet",
