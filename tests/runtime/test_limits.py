@@ -257,6 +257,26 @@ def test_prompt_lists_and_usage_in_streams(server):
     assert first["choices"][0]["delta"]["role"] == "assistant"
 
 
+def test_a_refused_prompt_in_a_list_aborts_the_prompts_queued_before_it(server, monkeypatch):
+    real_run = server.runtime.runner.run
+
+    def slow(seqs, slots):
+        time.sleep(0.02)
+        return real_run(seqs, slots)
+
+    monkeypatch.setattr(server.runtime.runner, "run", slow)
+    before = samples(server)
+    body = {"model": "poet", "max_tokens": 40, "ignore_eos": True}
+    r = httpx.post(f"{server.url}/v1/completions", json=body | {"prompt": ["hello", "hi " * 300]})
+    assert r.status_code == 400 and "limit" in r.json()["error"]["message"]
+    key = ("loraplane_requests_total", (("adapter", "poet"), ("status", "abort")))
+    started = time.monotonic()
+    while time.monotonic() - started < 10 and samples(server).get(key, 0) == before.get(key, 0):
+        time.sleep(0.05)
+    assert samples(server).get(key, 0) - before.get(key, 0) == 1
+    assert server.runtime.engine.idle()
+
+
 def test_a_client_that_hangs_up_has_its_sequence_aborted(server, monkeypatch):
     runner = server.runtime.runner
     real_run = runner.run

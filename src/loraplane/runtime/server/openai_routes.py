@@ -84,8 +84,16 @@ async def completions(body: CompletionRequest, request: Request):
         return _stream_response(
             stream, chunk, include_usage, rid, created, body.model, "text_completion"
         )
-    streams = [submit(runtime, i, params, adapter) for i in ids]
-    results = await asyncio.gather(*(collect(s, request) for s in streams))
+    streams = []
+    try:
+        # One refused prompt (429, too long) refuses the request: the prompts already
+        # queued must not run on for nobody.
+        for i in ids:
+            streams.append(submit(runtime, i, params, adapter))
+        results = await asyncio.gather(*(collect(s, request) for s in streams))
+    finally:
+        for s in streams:
+            s.abort()
     usage = {k: sum(_usage(r)[k] for r in results) for k in _usage(results[0])}
     return {
         "id": rid,
