@@ -97,7 +97,7 @@ class PodWorker(threading.Thread):
             reason = c.run_probes(self.ip)
             if reason is not None:
                 log.info("pod %s container %s: %s; restarting", self.name, c.name, reason)
-                c.stop(grace=float(self.pod.spec.termination_grace_period_seconds or 30))
+                c.stop(grace=termination_grace(self.pod))
                 self._after_exit(c)
 
     def _drive(self, c: Container) -> None:
@@ -312,11 +312,7 @@ class PodWorker(threading.Thread):
     # -- deletion ------------------------------------------------------------------------
     def _terminate(self) -> None:
         grace = self.pod.metadata.deletion_grace_period_seconds
-        grace = (
-            float(self.pod.spec.termination_grace_period_seconds or 30)
-            if grace is None
-            else float(grace)
-        )
+        grace = termination_grace(self.pod) if grace is None else float(grace)
         log.info("pod %s: deleting, SIGTERM with %.0fs grace", self.name, grace)
         for c in self.containers + self.init_containers:
             c.stop(grace=grace, cut_short=self.shutdown)
@@ -333,3 +329,9 @@ class PodWorker(threading.Thread):
         except client.ApiException as e:
             if e.status not in (404, 409):
                 raise
+
+
+def termination_grace(pod: client.V1Pod) -> float:
+    """The pod's grace period in seconds: 0 is a real value (stop at once), unset is 30."""
+    grace = pod.spec.termination_grace_period_seconds
+    return 30.0 if grace is None else float(grace)

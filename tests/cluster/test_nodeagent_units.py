@@ -7,6 +7,7 @@ import socket
 from e2e.nodeagent.container import Backoff
 from e2e.nodeagent.envvars import expand
 from e2e.nodeagent.ipam import Ipam, addresses_in_use, node_octet
+from e2e.nodeagent.pod import termination_grace
 from e2e.nodeagent.probes import ProbeState
 from kubernetes import client
 
@@ -51,3 +52,13 @@ def test_probe_thresholds() -> None:
 def test_backoff_doubles_to_a_cap() -> None:
     b = Backoff(initial=1, cap=5)
     assert [b.next() for _ in range(5)] == [1, 2, 4, 5, 5]
+
+
+def test_termination_grace_zero_means_at_once() -> None:
+    def pod(grace: int | None) -> client.V1Pod:
+        spec = client.V1PodSpec(containers=[], termination_grace_period_seconds=grace)
+        return client.V1Pod(spec=spec)
+
+    assert termination_grace(pod(0)) == 0.0
+    assert termination_grace(pod(None)) == 30.0
+    assert termination_grace(pod(7)) == 7.0
