@@ -240,3 +240,36 @@ def test_real_s3fs_against_an_unreachable_endpoint_is_a_502(tmp_path):
     with pytest.raises(SourceUnreachable) as err:
         fetcher.fetch("s3://bucket/adapter", credentials=secret)
     assert err.value.status == 502
+
+
+def test_new_content_behind_the_same_url_is_fetched_again(tmp_path, demo_dir, http_root):  # noqa: F811
+    import hashlib
+
+    import httpx
+    from server_fixtures import RunningServer, make_config
+
+    base, adapters = demo_dir
+    root, url = http_root
+
+    def serve(name: str) -> str:
+        shutil.rmtree(root / "lora", ignore_errors=True)
+        shutil.copytree(adapters[name], root / "lora")
+        return hashlib.sha256(
+            (adapters[name] / "adapter_model.safetensors").read_bytes()
+        ).hexdigest()
+
+    with RunningServer(make_config(base, tmp_path)) as server:
+
+        def put(sha256: str) -> httpx.Response:
+            body = {"source": f"{url}/lora", "sha256": sha256}
+            return httpx.put(f"{server.url}/v1/adapters/lora", json=body, timeout=60)
+
+        poet = serve("poet")
+        sql = serve("sql-expert")  # the server has the wrong file at first
+        assert put(poet).status_code == 422
+        serve("poet")  # fixed: a retry must not be answered from the bad download
+        r = put(poet)
+        assert r.status_code == 201 and r.json()["sha256"] == poet, r.text
+        serve("sql-expert")  # the owner publishes new weights at the same URL
+        r = put(sql)
+        assert r.status_code == 201 and r.json()["sha256"] == sql, r.text

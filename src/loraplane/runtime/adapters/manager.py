@@ -13,7 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loraplane.runtime.adapters.entry import AdapterEntry, Loading, ModelFacts
-from loraplane.runtime.adapters.errors import AdapterNotFound, Conflict, Incompatible
+from loraplane.runtime.adapters.errors import (
+    AdapterNotFound,
+    ChecksumMismatch,
+    Conflict,
+    Incompatible,
+)
 from loraplane.runtime.adapters.names import check_name
 from loraplane.runtime.adapters.placement import Placement
 from loraplane.runtime.adapters.sources import Fetcher
@@ -109,7 +114,7 @@ class AdapterManager:
         pinned: bool,
         credentials: dict[str, str] | None,
     ) -> AdapterEntry:
-        local = self.fetcher.fetch(source, revision, credentials)
+        local = self.fetcher.fetch(source, revision, credentials, sha256=sha256)
         entry = self._read(name, source, revision, sha256, local)
         entry.pinned = pinned
         with self.lock:
@@ -132,8 +137,7 @@ class AdapterManager:
         weights_file = local / "adapter_model.safetensors"
         actual = sha256_file(weights_file) if weights_file.is_file() else ""
         if sha256 and actual and sha256.lower() != actual:
-            from loraplane.runtime.adapters.errors import ChecksumMismatch
-
+            self.fetcher.forget(local)  # a bad download must not be served from the cache
             raise ChecksumMismatch(
                 f"adapter {name!r}: adapter_model.safetensors has sha256 {actual}, "
                 f"not the {sha256} the request asked for"
@@ -141,6 +145,7 @@ class AdapterManager:
         try:
             weights = read_peft_adapter(local)
         except AdapterFormatError as e:
+            self.fetcher.forget(local)
             raise Incompatible(f"adapter {name!r} from {source}: {e}") from e
         check_compatible(
             name,

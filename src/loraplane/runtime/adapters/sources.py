@@ -2,8 +2,9 @@
 
 Schemes: a plain path or file:///abs, pvc://claim/path (under a mount root), hf://org/name[@rev]
 (huggingface_hub), s3://bucket/prefix (fsspec/s3fs), https:// (an archive or a directory URL
-holding the files). Remote copies land in the cache dir keyed by source and revision, written
-to a temporary directory first and renamed into place, so a crash never leaves half a copy.
+holding the files). Remote copies land in the cache dir keyed by source, revision and expected
+sha256, written to a temporary directory first and renamed into place, so a crash never leaves
+half a copy; a copy that fails verification is dropped (Fetcher.forget), so a retry downloads.
 """
 
 from __future__ import annotations
@@ -52,8 +53,13 @@ class Fetcher:
         revision: str | None = None,
         credentials: dict[str, str] | None = None,
         model: bool = False,
+        sha256: str | None = None,
     ) -> Path:
-        """A local directory with the files of source; credentials are a secretRef's data."""
+        """A local directory with the files of source; credentials are a secretRef's data.
+
+        A remote copy is cached per source, revision and expected sha256: new content behind
+        the same URL, announced by its new sha256, is downloaded again.
+        """
         creds = credentials or {}
         unknown = sorted(set(creds) - set(CREDENTIAL_KEYS))
         if unknown:
@@ -67,9 +73,11 @@ class Fetcher:
             return self._hf(rest, revision, creds.get("HF_TOKEN") or self.hf_token, model)
         if scheme == "s3":
             options = s3_options(creds)
-            return self._cached(source, revision, lambda d: self._s3(rest, d, model, options))
+            return self._cached(
+                source, revision, sha256, lambda d: self._s3(rest, d, model, options)
+            )
         token = creds.get("BEARER_TOKEN")
-        return self._cached(source, revision, lambda d: self._https(source, d, token))
+        return self._cached(source, revision, sha256, lambda d: self._https(source, d, token))
 
     def _local(self, path: Path, source: str) -> Path:
         if not path.is_absolute():
@@ -85,8 +93,20 @@ class Fetcher:
             raise InvalidSource(f"source {source!r} must name pvc://claim/path inside the claim")
         return self._local(path, source)
 
-    def _cached(self, source: str, revision: str | None, fill: Callable[[Path], None]) -> Path:
-        key = hashlib.sha256(f"{source}@{revision or ''}".encode()).hexdigest()[:24]
+    def forget(self, local: Path) -> None:
+        """Drop a cached remote copy that failed verification, so a retry downloads again."""
+        if local.parent.resolve() == (self.cache_dir / "sources").resolve():
+            shutil.rmtree(local, ignore_errors=True)
+
+    def _cached(
+        self,
+        source: str,
+        revision: str | None,
+        sha256: str | None,
+        fill: Callable[[Path], None],
+    ) -> Path:
+        name = f"{source}@{revision or ''}" + (f"#{sha256}" if sha256 else "")
+        key = hashlib.sha256(name.encode()).hexdigest()[:24]
         final = self.cache_dir / "sources" / key
         if final.is_dir():
             return final
