@@ -223,3 +223,31 @@ async def test_a_retried_put_joins_the_load_in_flight(server, demo_dir, monkeypa
         listed = (await client.get("/v1/adapters")).json()["adapters"]
         assert [(a["name"], a["state"]) for a in listed] == [("slow", "loaded")]
         assert (await client.delete("/v1/adapters/slow")).status_code == 200
+
+
+async def test_a_delete_during_a_load_cancels_it(server, demo_dir, monkeypatch):  # noqa: F811
+    import asyncio
+    import threading
+
+    _, adapters = demo_dir
+    fetcher = server.runtime.adapters.fetcher
+    real_fetch = fetcher.fetch
+    started, release = threading.Event(), threading.Event()
+
+    def slow_fetch(*args, **kwargs):
+        started.set()
+        release.wait(10)
+        return real_fetch(*args, **kwargs)
+
+    monkeypatch.setattr(fetcher, "fetch", slow_fetch)
+    body = {"source": str(adapters["sql-expert"])}
+    async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as client:
+        put = asyncio.create_task(client.put("/v1/adapters/doomed", json=body))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        gone = await client.delete("/v1/adapters/doomed")
+        assert gone.status_code == 200 and gone.json()["state"] == "unloaded", gone.text
+        release.set()
+        r = await put
+        assert r.status_code == 409 and "deleted while it loaded" in r.json()["error"]["message"]
+        assert (await client.get("/v1/adapters")).json()["adapters"] == []

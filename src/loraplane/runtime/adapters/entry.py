@@ -65,6 +65,7 @@ class Loading:
     done: threading.Event = field(default_factory=threading.Event)
     entry: AdapterEntry | None = None
     error: Exception | None = None
+    cancelled: bool = False  # a DELETE came while it loaded: it must not be registered
 
 
 @dataclass

@@ -93,7 +93,7 @@ class AdapterManager:
             assert inflight.entry is not None
             return inflight.entry, False
         try:
-            inflight.entry = self._load(name, source, revision, sha256, pinned, credentials)
+            inflight.entry = self._load(name, inflight, sha256, pinned, credentials)
         except Exception as e:
             inflight.error = e
             raise
@@ -108,16 +108,21 @@ class AdapterManager:
     def _load(
         self,
         name: str,
-        source: str,
-        revision: str | None,
+        inflight: Loading,
         sha256: str | None,
         pinned: bool,
         credentials: dict[str, str] | None,
     ) -> AdapterEntry:
+        source, revision = inflight.source, inflight.revision
         local = self.fetcher.fetch(source, revision, credentials, sha256=sha256)
         entry = self._read(name, source, revision, sha256, local)
         entry.pinned = pinned
         with self.lock:
+            if inflight.cancelled:
+                raise Conflict(
+                    f"adapter {name!r} was deleted while it loaded from {source}; "
+                    "PUT it again to load it"
+                )
             if pinned:
                 self._check_pin_room(exclude=name)
             old = self.entries.get(name)
@@ -183,12 +188,18 @@ class AdapterManager:
                 f"{self.slots.num_slots} slots are pinned; raise maxAdapters or unpin one"
             )
 
-    def unregister(self, name: str) -> AdapterEntry:
+    def unregister(self, name: str) -> AdapterEntry | None:
+        """Retire name's entry and cancel a load of it in flight (None when only that was)."""
         with self.lock:
             entry = self.entries.pop(name, None)
-            if entry is None:
+            inflight = self.loading.pop(name, None)
+            if entry is None and inflight is None:
                 raise AdapterNotFound(f"adapter {name!r} is not loaded")
-            self._retire(entry)
+            if inflight is not None:
+                # Else the load would land after the DELETE was answered, and stay.
+                inflight.cancelled = True
+            if entry is not None:
+                self._retire(entry)
         self.on_change()
         return entry
 

@@ -81,7 +81,7 @@ async def load_adapter(name: str, body: LoadRequest, request: Request, response:
 async def unload_adapter(name: str, request: Request):
     runtime: Runtime = request.app.state.runtime
     entry = runtime.adapters.unregister(name)
-    return {"name": name, "state": "unloading" if entry.refs else "unloaded"}
+    return {"name": name, "state": "unloading" if entry is not None and entry.refs else "unloaded"}
 
 
 def describe_loading(name: str, inflight: Loading) -> dict[str, Any]:
