@@ -249,5 +249,37 @@ async def test_a_delete_during_a_load_cancels_it(server, demo_dir, monkeypatch):
         assert gone.status_code == 200 and gone.json()["state"] == "unloaded", gone.text
         release.set()
         r = await put
-        assert r.status_code == 409 and "deleted while it loaded" in r.json()["error"]["message"]
+        assert r.status_code == 409 and "a DELETE came" in r.json()["error"]["message"]
         assert (await client.get("/v1/adapters")).json()["adapters"] == []
+
+
+async def test_the_newest_put_wins_over_an_older_slower_one(server, demo_dir, monkeypatch):  # noqa: F811
+    import asyncio
+    import threading
+
+    _, adapters = demo_dir
+    fetcher = server.runtime.adapters.fetcher
+    real_fetch = fetcher.fetch
+    started, release = threading.Event(), threading.Event()
+    slow_source = str(adapters["sql-expert"])
+
+    def fetch(source, *args, **kwargs):
+        if source == slow_source:
+            started.set()
+            release.wait(10)
+        return real_fetch(source, *args, **kwargs)
+
+    monkeypatch.setattr(fetcher, "fetch", fetch)
+    newer = copy_adapter(adapters["sql-expert"], server.runtime.config.cache_dir / "newer")
+    async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as client:
+        old = asyncio.create_task(client.put("/v1/adapters/race", json={"source": slow_source}))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        r = await client.put("/v1/adapters/race", json={"source": str(newer)})
+        assert r.status_code == 201, r.text
+        release.set()
+        r = await old
+        assert r.status_code == 409 and "replaced it" in r.json()["error"]["message"], r.text
+        listed = (await client.get("/v1/adapters")).json()["adapters"]
+        assert [(a["name"], a["source"]) for a in listed] == [("race", str(newer))]
+        assert (await client.delete("/v1/adapters/race")).status_code == 200

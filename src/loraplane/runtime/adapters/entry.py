@@ -65,7 +65,8 @@ class Loading:
     done: threading.Event = field(default_factory=threading.Event)
     entry: AdapterEntry | None = None
     error: Exception | None = None
-    cancelled: bool = False  # a DELETE came while it loaded: it must not be registered
+    # Why it must not be registered: a DELETE, or a newer PUT, came while it loaded.
+    cancelled: str | None = None
 
 
 @dataclass

@@ -83,6 +83,8 @@ class AdapterManager:
             inflight = self.loading.get(name)
             joining = inflight is not None and inflight.key == key
             if not joining:
+                if inflight is not None:  # the newest PUT wins, whichever load ends first
+                    inflight.cancelled = f"a PUT from {source} replaced it"
                 inflight = Loading(key=key, source=source, revision=revision)
                 self.loading[name] = inflight
         assert inflight is not None
@@ -120,8 +122,8 @@ class AdapterManager:
         with self.lock:
             if inflight.cancelled:
                 raise Conflict(
-                    f"adapter {name!r} was deleted while it loaded from {source}; "
-                    "PUT it again to load it"
+                    f"adapter {name!r} from {source} was not registered: "
+                    f"{inflight.cancelled} while it loaded"
                 )
             if pinned:
                 self._check_pin_room(exclude=name)
@@ -197,7 +199,7 @@ class AdapterManager:
                 raise AdapterNotFound(f"adapter {name!r} is not loaded")
             if inflight is not None:
                 # Else the load would land after the DELETE was answered, and stay.
-                inflight.cancelled = True
+                inflight.cancelled = "a DELETE came"
             if entry is not None:
                 self._retire(entry)
         self.on_change()
