@@ -51,6 +51,9 @@ def test_command_line_builds_one_config(tmp_path):
         parse_args(["--model", "/m", "--adapter", "no-equals"], environ={})
     with pytest.raises(ValueError, match="max-adapters"):
         parse_args(["--model", "/m", "--device", "cpu", "--max-adapters", "0"], environ={})
+    for flag in ("--max-queue", "--max-running"):  # 0 would refuse or stall every request
+        with pytest.raises(ValueError, match=flag):
+            parse_args(["--model", "/m", "--device", "cpu", flag, "0"], environ={})
 
 
 def test_sigterm_finishes_running_requests_then_exits_zero(demo_dir, tmp_path):  # noqa: F811

@@ -45,9 +45,14 @@ class RuntimeConfig:
             raise ValueError(f"--device {self.device!r} is not one of {DEVICES}")
         if self.max_adapters < 1:
             raise ValueError(f"--max-adapters must be at least 1, got {self.max_adapters}")
-        for name in ("max_cpu_adapters", "max_queue"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.max_cpu_adapters < 0:
+            raise ValueError(f"--max-cpu-adapters must be >= 0, got {self.max_cpu_adapters}")
+        # Every request waits in the queue until the next step: 0 would refuse them all.
+        for name in ("max_queue", "max_running"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
         if not 1 <= self.max_lora_rank <= 1024:
             raise ValueError(f"--max-lora-rank must be in 1..1024, got {self.max_lora_rank}")
         if self.max_batch_tokens < self.block_size:
