@@ -216,6 +216,8 @@ async def test_a_retried_put_joins_the_load_in_flight(server, demo_dir, monkeypa
         retry = asyncio.create_task(client.put("/v1/adapters/slow", json=body))
         listed = (await client.get("/v1/adapters")).json()["adapters"]
         assert [(a["name"], a["state"]) for a in listed] == [("slow", "loading")]
+        one = await client.get("/v1/adapters/slow")
+        assert one.status_code == 200 and one.json()["state"] == "loading", one.text
         await asyncio.sleep(0.1)
         release.set()
         statuses = sorted([(await first).status_code, (await retry).status_code])

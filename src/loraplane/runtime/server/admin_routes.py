@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from loraplane.runtime.adapters.errors import AdapterNotFound
 from loraplane.runtime.adapters.manager import AdapterEntry, Loading
 from loraplane.runtime.runtime import Runtime
 from loraplane.runtime.server.errors import APIError
@@ -58,7 +59,13 @@ async def list_adapters(request: Request):
 @router.get("/{name}")
 async def get_adapter(name: str, request: Request):
     runtime: Runtime = request.app.state.runtime
-    return describe(runtime.adapters.get(name))
+    try:
+        return describe(runtime.adapters.get(name))
+    except AdapterNotFound:
+        inflight = runtime.adapters.loading_now().get(name)
+        if inflight is None:
+            raise
+        return describe_loading(name, inflight)  # as the list shows it
 
 
 @router.put("/{name}")
