@@ -160,6 +160,10 @@ def test_sampler_greedy_top_k_top_p_and_seeds():
     runs = [[sampler(logits[:1], [100 + r], [wide])[0][0] for _ in range(12)] for r in range(2)]
     assert runs[0] == runs[1] and set(runs[0]) <= {1, 3}
     sampler.forget(100)
+    # A temperature that overflows the scaled logits still samples: the top token.
+    for t in (1e-38, 1e-44):
+        cold = SamplingParams(temperature=t, seed=1)
+        assert sampler(logits, [200, 201], [cold, cold])[0] == [1, 1]
 
 
 def test_sampling_params_are_checked():

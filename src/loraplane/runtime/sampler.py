@@ -39,7 +39,10 @@ class Sampler:
         for i, p in enumerate(params):
             if p.greedy:
                 continue
-            row = logits[i].float() / p.temperature
+            # Shift so the top logit is 0 before dividing: a tiny temperature then sends the
+            # others to -inf, not the top one to inf (inf - inf is a NaN softmax).
+            row = logits[i].float()
+            row = (row - row.max()) / p.temperature
             if p.top_k:
                 kth = torch.topk(row, min(p.top_k, row.shape[0])).values[-1]
                 row = row.masked_fill(row < kth, float("-inf"))
