@@ -62,3 +62,26 @@ def test_termination_grace_zero_means_at_once() -> None:
     assert termination_grace(pod(0)) == 0.0
     assert termination_grace(pod(None)) == 30.0
     assert termination_grace(pod(7)) == 7.0
+
+
+def test_stop_kills_a_process_that_ignores_sigterm_after_the_grace(tmp_path) -> None:
+    import os
+    import time
+
+    from e2e.nodeagent.container import Container
+
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    stubborn += "print('up', flush=True); time.sleep(60)"
+    spec = client.V1Container(name="stubborn", command=["python3", "-c", stubborn])
+    c = Container(spec, tmp_path / "c.log", tmp_path / "c.pid")
+    c.start(dict(os.environ), tmp_path)
+    deadline = time.monotonic() + 20
+    while "up" not in c.log.read_text():  # SIGTERM is ignored from here on
+        assert time.monotonic() < deadline, "the process did not start"
+        time.sleep(0.02)
+    started = time.monotonic()
+    c.stop(grace=1.0)
+    took = time.monotonic() - started
+    assert 0.9 <= took < 5, took
+    assert c.terminated is not None and c.terminated["exitCode"] == 137  # 128 + SIGKILL
+    assert not c.running and not c.pidfile.exists()
