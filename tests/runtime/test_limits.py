@@ -76,6 +76,13 @@ def test_bad_chat_and_tgi_requests(server):
     ):
         r = httpx.post(f"{url}/v1/chat/completions", json=body)
         assert r.status_code == 400 and "error" in r.json(), (body, r.text)
+    chat = {"model": "poet", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    for extra in ({"response_format": {"type": "json_object"}}, {"functions": [{"name": "f"}]}):
+        r = httpx.post(f"{url}/v1/chat/completions", json=chat | extra)
+        assert r.status_code == 400, (extra, r.text)
+        assert r.json()["error"]["param"] in ("response_format", "tools"), r.text
+    r = httpx.post(f"{url}/v1/chat/completions", json=chat | {"response_format": {"type": "text"}})
+    assert r.status_code == 200, r.text
     r = httpx.post(f"{url}/generate", json={"inputs": "hi", "parameters": {"top_p": 2}})
     assert r.status_code == 422 and r.json()["error_type"] == "validation"
     r = httpx.post(

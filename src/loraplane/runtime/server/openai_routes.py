@@ -114,8 +114,15 @@ async def completions(body: CompletionRequest, request: Request):
 
 
 def _chat_prompt(runtime: Runtime, body: ChatRequest) -> list[int]:
-    if body.tools:
+    if body.tools or body.functions:
         raise APIError(400, "tools are not supported", param="tools")
+    # Ignoring it would hand back free text to a client that asked for JSON.
+    if body.response_format and body.response_format.get("type") != "text":
+        raise APIError(
+            400,
+            f"response_format {body.response_format.get('type')!r} is not supported; only 'text'",
+            param="response_format",
+        )
     messages = []
     for m in body.messages:
         content = m.content

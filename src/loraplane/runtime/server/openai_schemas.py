@@ -75,3 +75,5 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     tools: list[dict[str, Any]] | None = None
+    functions: list[dict[str, Any]] | None = None  # the older name of tools
+    response_format: dict[str, Any] | None = None
