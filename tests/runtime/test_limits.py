@@ -89,6 +89,11 @@ def test_bad_chat_and_tgi_requests(server):
         f"{url}/generate", json={"inputs": "hi", "parameters": {"repetition_penalty": 1.3}}
     )
     assert r.status_code == 422 and "repetition_penalty" in r.json()["error"]
+    r = httpx.post(
+        f"{url}/generate",
+        json={"inputs": "hi", "parameters": {"details": True, "decoder_input_details": True}},
+    )
+    assert r.status_code == 422 and "decoder_input_details" in r.json()["error"]
     r = httpx.post(f"{url}/generate", json={"inputs": "hi", "parameters": {"adapter_id": "x"}})
     assert r.status_code == 404 and "x" in r.json()["error"]
     r = httpx.post(

@@ -60,10 +60,18 @@ def _params(p: Parameters) -> SamplingParams:
         value = getattr(p, name)
         if value is not None and value != neutral:
             raise APIError(422, f"{name} is not supported", code="validation")
-    if p.watermark or p.grammar or p.top_n_tokens or (p.best_of or 1) > 1 or p.truncate:
+    if (
+        p.watermark
+        or p.grammar
+        or p.top_n_tokens
+        or (p.best_of or 1) > 1
+        or p.truncate
+        or p.decoder_input_details
+    ):
         raise APIError(
             422,
-            "watermark, grammar, top_n_tokens, best_of and truncate are not supported",
+            "watermark, grammar, top_n_tokens, best_of, truncate and decoder_input_details "
+            "are not supported",
             code="validation",
         )
     # TGI samples when asked to, or when any sampling knob is set.
