@@ -91,3 +91,33 @@ async def test_pinned_adapter_is_never_evicted(setup):
         await ask_all(server, [name])
         assert tiers(server)["sql-expert"] == "gpu"
         assert tiers(server)[name] == "gpu"
+
+
+def test_a_read_back_refuses_files_changed_since_the_load(demo_dir, tmp_path):  # noqa: F811
+    import threading
+
+    from server_fixtures import rewrite_weights
+
+    from loraplane.runtime.adapters.entry import AdapterEntry
+    from loraplane.runtime.adapters.placement import Placement
+    from loraplane.runtime.adapters.sources import sha256_file
+
+    _, adapters = demo_dir
+    local = copy_adapter(adapters["poet"], tmp_path / "poet")
+    sha = sha256_file(local / "adapter_model.safetensors")
+    placement = Placement(threading.RLock(), 1, 1, lambda: None)
+
+    def read_back() -> AdapterEntry:
+        entry = AdapterEntry("poet", str(local), None, None, sha, local, 4, [], 0)
+        placement.reload(entry)  # from the disk tier, on the reader thread
+        deadline = time.monotonic() + 10
+        while entry.weights is None and entry.error is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        return entry
+
+    assert read_back().weights is not None
+    rewrite_weights(local, lambda t: {k: v * 2 for k, v in t.items()})  # edited in place
+    entry = read_back()
+    assert entry.weights is None and "changed since the load" in (entry.error or "")
+    placement.close()

@@ -7,7 +7,6 @@ entry's weights live (GPU slot, host copy, disk) is placement.py's to decide.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,17 +20,9 @@ from loraplane.runtime.adapters.errors import (
 )
 from loraplane.runtime.adapters.names import check_name
 from loraplane.runtime.adapters.placement import Placement
-from loraplane.runtime.adapters.sources import Fetcher
+from loraplane.runtime.adapters.sources import Fetcher, sha256_file
 from loraplane.runtime.adapters.validation import check_compatible
 from loraplane.runtime.lora import AdapterFormatError, read_peft_adapter
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class AdapterManager:

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from loraplane.runtime.adapters.entry import AdapterEntry
 from loraplane.runtime.adapters.slot_table import SlotTable
+from loraplane.runtime.adapters.sources import sha256_file
 from loraplane.runtime.lora import AdapterFormatError, read_peft_adapter
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,14 @@ class Placement:
 
     def _read_back(self, entry: AdapterEntry) -> None:
         try:
+            # The files may have changed under a file:// or pvc:// source since the load:
+            # serving them would break what the sha256 we report promises.
+            actual = sha256_file(entry.local_dir / "adapter_model.safetensors")
+            if actual != entry.sha256:
+                raise AdapterFormatError(
+                    f"adapter_model.safetensors changed since the load (sha256 {actual}, "
+                    f"loaded {entry.sha256}); PUT the adapter again"
+                )
             weights = read_peft_adapter(entry.local_dir)
         except (AdapterFormatError, OSError) as e:
             log.error(

@@ -212,6 +212,14 @@ def s3_options(creds: dict[str, str]) -> dict[str, Any]:
     return options
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def split_source(source: str) -> tuple[str, str]:
     if source.startswith("/"):
         return "file", source
