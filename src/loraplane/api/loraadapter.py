@@ -23,6 +23,7 @@ from .source import AdapterSource, Revision, has_scheme, revision_rule
 # What clients put in "model" (OpenAI) or "adapter_id" (TGI): also a URL path segment of the
 # runtime's admin API, so no '/'.
 SERVED_NAME = r"^[A-Za-z0-9]([-A-Za-z0-9._]{0,126}[A-Za-z0-9])?$"
+SERVED_NAME_MAX = 128
 ADAPTER_NAME_MAX = 63
 MAX_REPLICA_STATUSES = 1000
 BASE_MODEL_IMMUTABLE = (
@@ -58,7 +59,9 @@ class LoraAdapterSpec(K8sModel):
     """Branch, tag or commit of an hf:// repository; the default branch when unset."""
     sha256: Sha256 | None = None
     """Expected SHA-256 of adapter_model.safetensors, lowercase hex. Weights with another digest are refused."""
-    served_name: Annotated[str, Field(max_length=128, pattern=SERVED_NAME)] | None = None
+    served_name: Annotated[str, Field(max_length=SERVED_NAME_MAX, pattern=SERVED_NAME)] | None = (
+        None
+    )
     """Name clients send as "model" (OpenAI API) or "adapter_id" (TGI API). Defaults to metadata.name; the operator applies the default and reports it in status.servedName without writing the spec."""
     pinned: bool = False
     """Keep the adapter in a GPU slot of every replica: never evicted to make room for others."""

@@ -10,7 +10,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from loraplane.runtime.config import RuntimeConfig
+from loraplane.api.wire import ADMIN_TOKEN_ENV
+from loraplane.runtime.config import DTYPES, RuntimeConfig
 
 
 def parse_args(
@@ -25,7 +26,7 @@ def parse_args(
         if not sep or not name or not source:
             p.error(f"--adapter {item!r} must be NAME=SOURCE")
         adapters[name] = source
-    token = env.get("LORAPLANE_ADMIN_TOKEN")
+    token = env.get(ADMIN_TOKEN_ENV)
     if a.admin_token_file is not None:
         token = a.admin_token_file.read_text().strip()
     logging.basicConfig(
@@ -72,7 +73,7 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=("float32", "bfloat16", "float16"),
+        choices=DTYPES,
         help="default: bfloat16 on cuda, float32 on cpu",
     )
     p.add_argument("--max-adapters", type=int, default=d.max_adapters, help="GPU slots")
@@ -106,7 +107,7 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--admin-token-file",
         type=Path,
-        help="bearer token for /v1/adapters (or env LORAPLANE_ADMIN_TOKEN)",
+        help=f"bearer token for /v1/adapters (or env {ADMIN_TOKEN_ENV})",
     )
     p.add_argument(
         "--cache-dir", type=Path, default=Path(env.get("LORAPLANE_CACHE_DIR", d.cache_dir))

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16")
+from loraplane.api.wire import RUNTIME_DTYPES
+
+DTYPES = RUNTIME_DTYPES
 DEVICES = ("cpu", "cuda")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from loraplane.api.wire import METRIC_IN_FLIGHT, METRIC_QUEUE_DEPTH, METRIC_REQUESTS
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300)
 
@@ -13,16 +15,14 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "loraplane_requests",
+            METRIC_REQUESTS,
             "Requests finished, by adapter and outcome",
             ["adapter", "status"],
             registry=r,
         )
-        self.in_flight = Gauge(
-            "loraplane_requests_in_flight", "Requests accepted and not finished", registry=r
-        )
+        self.in_flight = Gauge(METRIC_IN_FLIGHT, "Requests accepted and not finished", registry=r)
         self.queue_depth = Gauge(
-            "loraplane_queue_depth", "Requests waiting for their first forward pass", registry=r
+            METRIC_QUEUE_DEPTH, "Requests waiting for their first forward pass", registry=r
         )
         self.generated = Counter(
             "loraplane_generated_tokens", "Tokens generated", ["adapter"], registry=r

@@ -20,22 +20,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from loraplane.api.wire import CREDENTIAL_KEYS, RUNTIME_ADAPTER_SCHEMES
 from loraplane.runtime.adapters.errors import InvalidSource, SourceNotFound, SourceUnreachable
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MODEL_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model")
 ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
-SCHEMES = ("file", "pvc", "hf", "s3", "https", "http")
-# The keys a LoraAdapter's secretRef may hold (see loraplane.api); the operator forwards them.
-CREDENTIAL_KEYS = (
-    "HF_TOKEN",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_ENDPOINT_URL",
-    "BEARER_TOKEN",
-)
+SCHEMES = RUNTIME_ADAPTER_SCHEMES
 
 
 @dataclass

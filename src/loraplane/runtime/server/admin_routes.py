@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import time
-from typing import Any
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
 
+from loraplane.api.wire import (
+    AdapterInfo,
+    AdapterList,
+    AdapterLoadRequest,
+    AdapterUnloaded,
+    RuntimeAdapterState,
+    Tier,
+)
 from loraplane.runtime.adapters.errors import AdapterNotFound
 from loraplane.runtime.adapters.manager import AdapterEntry, Loading
 from loraplane.runtime.runtime import Runtime
@@ -34,30 +40,19 @@ def require_admin(request: Request) -> None:
 router = APIRouter(prefix="/v1/adapters", dependencies=[Depends(require_admin)])
 
 
-class LoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    source: str = Field(min_length=1, max_length=2048)
-    revision: str | None = Field(default=None, max_length=256)
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
-    pinned: bool = False
-    # A LoraAdapter secretRef's data (HF_TOKEN, AWS_*, BEARER_TOKEN); used once, never echoed.
-    credentials: dict[str, str] | None = Field(default=None, repr=False)
-
-
-@router.get("")
-async def list_adapters(request: Request):
+@router.get("", response_model=AdapterList)
+async def list_adapters(request: Request) -> AdapterList:
     runtime: Runtime = request.app.state.runtime
     adapters = [describe(e) for e in runtime.adapters.registered()]
-    loaded = {a["name"] for a in adapters}
+    loaded = {a.name for a in adapters}
     for name, inflight in sorted(runtime.adapters.loading_now().items()):
         if name not in loaded:  # a replacement in flight: the served entry is what counts
             adapters.append(describe_loading(name, inflight))
-    return {"adapters": adapters}
+    return AdapterList(adapters=adapters)
 
 
-@router.get("/{name}")
-async def get_adapter(name: str, request: Request):
+@router.get("/{name}", response_model=AdapterInfo)
+async def get_adapter(name: str, request: Request) -> AdapterInfo:
     runtime: Runtime = request.app.state.runtime
     try:
         return describe(runtime.adapters.get(name))
@@ -68,8 +63,10 @@ async def get_adapter(name: str, request: Request):
         return describe_loading(name, inflight)  # as the list shows it
 
 
-@router.put("/{name}")
-async def load_adapter(name: str, body: LoadRequest, request: Request, response: Response):
+@router.put("/{name}", response_model=AdapterInfo)
+async def load_adapter(
+    name: str, body: AdapterLoadRequest, request: Request, response: Response
+) -> AdapterInfo:
     runtime: Runtime = request.app.state.runtime
     entry, created = await asyncio.to_thread(
         runtime.load_adapter,
@@ -84,46 +81,43 @@ async def load_adapter(name: str, body: LoadRequest, request: Request, response:
     return describe(entry)
 
 
-@router.delete("/{name}")
-async def unload_adapter(name: str, request: Request):
+@router.delete("/{name}", response_model=AdapterUnloaded)
+async def unload_adapter(name: str, request: Request) -> AdapterUnloaded:
     runtime: Runtime = request.app.state.runtime
     entry = runtime.adapters.unregister(name)
-    return {"name": name, "state": "unloading" if entry is not None and entry.refs else "unloaded"}
+    state = "unloading" if entry is not None and entry.refs else "unloaded"
+    return AdapterUnloaded(name=name, state=state)
 
 
-def describe_loading(name: str, inflight: Loading) -> dict[str, Any]:
+def describe_loading(name: str, inflight: Loading) -> AdapterInfo:
     """A load still fetching or validating: no weights yet, so nothing to report but that."""
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(inflight.started_at))
-    return {
-        "name": name,
-        "source": inflight.source,
-        "revision": inflight.revision,
-        "sha256": None,
-        "pinned": False,
-        "state": "loading",
-        "tier": None,
-        "rank": None,
-        "target_modules": None,
-        "size_bytes": None,
-        "loaded_at": None,
-        "loading_since": started,
-        "error": None,
-    }
+    return AdapterInfo(
+        name=name,
+        source=inflight.source,
+        revision=inflight.revision,
+        state=RuntimeAdapterState.LOADING,
+        loading_since=_utc(inflight.started_at),
+    )
 
 
-def describe(entry: AdapterEntry) -> dict[str, Any]:
+def describe(entry: AdapterEntry) -> AdapterInfo:
     """An adapter as the operator reads it: this is what it trusts as residency."""
-    return {
-        "name": entry.name,
-        "source": entry.source,
-        "revision": entry.revision,
-        "sha256": entry.sha256,
-        "pinned": entry.pinned,
-        "state": entry.state,
-        "tier": entry.tier,
-        "rank": entry.rank,
-        "target_modules": entry.target_modules,
-        "size_bytes": entry.size_bytes,
-        "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.loaded_at)),
-        "error": entry.error,
-    }
+    return AdapterInfo(
+        name=entry.name,
+        source=entry.source,
+        revision=entry.revision,
+        sha256=entry.sha256,
+        pinned=entry.pinned,
+        state=RuntimeAdapterState(entry.state),
+        tier=Tier(entry.tier),
+        rank=entry.rank,
+        target_modules=entry.target_modules,
+        size_bytes=entry.size_bytes,
+        loaded_at=_utc(entry.loaded_at),
+        error=entry.error,
+    )
+
+
+def _utc(timestamp: float) -> datetime:
+    # Whole seconds, as metav1.Time: the operator copies it into status.
+    return datetime.fromtimestamp(int(timestamp), UTC)

@@ -1,0 +1,208 @@
+"""The wire contract between the operator and the runtime: names, states, keys and bodies.
+
+Both sides import this module and nothing else of each other, so a rule changed here changes
+on both sides at once. The runtime uses the models as its admin API's request and response
+models; the operator parses the same models out of each pod's answers.
+"""
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .basemodeldeployment import Dtype
+from .loraadapter import SERVED_NAME, SERVED_NAME_MAX, AdapterState
+from .source import ADAPTER_SCHEMES, MODEL_SCHEMES
+
+# ---- adapter names ------------------------------------------------------------------------
+# One grammar for LoraAdapter.spec.servedName, the runtime's adapter names (its admin API's
+# path segment) and the ids in /v1/models. Users name adapters after their hub names
+# ("customer_support", "Magicoder_v2"), so upper case, '_' and '.' are allowed; '/' is not,
+# since the name is a URL path segment.
+ADAPTER_NAME = SERVED_NAME
+_ADAPTER_NAME = re.compile(ADAPTER_NAME)
+
+
+def is_adapter_name(name: str) -> bool:
+    return len(name) <= SERVED_NAME_MAX and _ADAPTER_NAME.match(name) is not None
+
+
+def adapter_name_problem(name: str) -> str | None:
+    """Why name is not a valid adapter name, in words a person can act on; None when valid."""
+    if is_adapter_name(name):
+        return None
+    return (
+        f"adapter name {name!r} is not valid: use 1 to {SERVED_NAME_MAX} letters, digits, "
+        "'-', '_' and '.', starting and ending with a letter or digit"
+    )
+
+
+# ---- sources and credentials --------------------------------------------------------------
+# The runtime accepts the API's schemes; plain http:// only for mirrors inside the cluster,
+# and never with credentials (they would travel in clear).
+RUNTIME_MODEL_SCHEMES = MODEL_SCHEMES
+RUNTIME_ADAPTER_SCHEMES = (*ADAPTER_SCHEMES, "http")
+
+# The keys of a LoraAdapter's secretRef the operator forwards as `credentials`, by scheme.
+CREDENTIAL_KEYS_BY_SCHEME: dict[str, tuple[str, ...]] = {
+    "hf": ("HF_TOKEN",),
+    "s3": (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_ENDPOINT_URL",
+    ),
+    "https": ("BEARER_TOKEN",),
+}
+CREDENTIAL_KEYS: tuple[str, ...] = tuple(
+    key for keys in CREDENTIAL_KEYS_BY_SCHEME.values() for key in keys
+)
+
+
+def credential_keys_for(source: str) -> tuple[str, ...]:
+    """The secret keys that matter for this source; other keys in the Secret stay unread."""
+    scheme = source.split("://", 1)[0]
+    return CREDENTIAL_KEYS_BY_SCHEME.get(scheme, ())
+
+
+# ---- dtypes --------------------------------------------------------------------------------
+RUNTIME_DTYPE: dict[Dtype, str] = {
+    Dtype.BFLOAT16: "bfloat16",
+    Dtype.FLOAT16: "float16",
+    Dtype.FLOAT32: "float32",
+}
+"""spec.model.dtype -> the runtime's --dtype."""
+RUNTIME_DTYPES: tuple[str, ...] = tuple(RUNTIME_DTYPE.values())
+
+
+# ---- how the operator reaches a pod --------------------------------------------------------
+ADMIN_TOKEN_ENV = "LORAPLANE_ADMIN_TOKEN"
+"""Environment variable holding the bearer token of the runtime's admin API."""
+ADMIN_TOKEN_KEY = "token"
+"""Key of the admin token in the Secret the operator creates per deployment."""
+ADAPTERS_PATH = "/v1/adapters"
+READY_PATH = "/readyz"
+HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+READINESS_GATE = "loraplane.io/adapters-loaded"
+"""Pod readiness gate: True once the operator saw the pod hold every adapter it should."""
+
+# Runtime metric names the operator and the router read (prometheus-client adds _total to a
+# counter's samples).
+METRIC_REQUESTS = "loraplane_requests"
+METRIC_REQUESTS_TOTAL = "loraplane_requests_total"
+METRIC_IN_FLIGHT = "loraplane_requests_in_flight"
+METRIC_QUEUE_DEPTH = "loraplane_queue_depth"
+
+
+# ---- adapter states -------------------------------------------------------------------------
+class RuntimeAdapterState(StrEnum):
+    """An adapter's state as one runtime reports it."""
+
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+REPLICA_STATE: dict[RuntimeAdapterState, AdapterState] = {
+    RuntimeAdapterState.LOADING: AdapterState.LOADING,
+    RuntimeAdapterState.LOADED: AdapterState.LOADED,
+    RuntimeAdapterState.UNLOADING: AdapterState.UNLOADING,
+    RuntimeAdapterState.FAILED: AdapterState.FAILED,
+}
+"""A runtime's state -> LoraAdapter.status.replicas[].state. Pending means not on the pod yet."""
+
+
+class Tier(StrEnum):
+    """Where a loaded adapter's weights are: a GPU slot, host memory, or only on local disk."""
+
+    GPU = "gpu"
+    CPU = "cpu"
+    DISK = "disk"
+
+
+class AdapterErrorCode(StrEnum):
+    """`error.code` of an admin API refusal: what the operator turns into a condition."""
+
+    INVALID_NAME = "invalid_name"
+    NOT_FOUND = "not_found"
+    SOURCE_NOT_FOUND = "source_not_found"
+    SOURCE_UNREACHABLE = "source_unreachable"
+    INVALID_SOURCE = "invalid_source"
+    INVALID_ADAPTER = "invalid_adapter"
+    INCOMPATIBLE = "incompatible"
+    CHECKSUM_MISMATCH = "checksum_mismatch"
+    CONFLICT = "conflict"
+
+
+# Refusals that another try cannot fix: only a change of the adapter or the base can.
+PERMANENT_ERRORS = frozenset(
+    {AdapterErrorCode.INCOMPATIBLE, AdapterErrorCode.INVALID_ADAPTER, AdapterErrorCode.INVALID_NAME}
+)
+
+
+# ---- admin API bodies -----------------------------------------------------------------------
+class _Wire(BaseModel):
+    # Unknown fields are ignored when reading, so an older operator can read a newer runtime.
+    model_config = ConfigDict(extra="ignore")
+
+
+class AdapterLoadRequest(BaseModel):
+    """Body of PUT /v1/adapters/{name}: an idempotent load (same source and digest is a no-op)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(min_length=1, max_length=2048)
+    revision: str | None = Field(default=None, max_length=256)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    pinned: bool = False
+    # A LoraAdapter secretRef's data (CREDENTIAL_KEYS); used once, never echoed or logged.
+    credentials: dict[str, str] | None = Field(default=None, repr=False)
+
+
+class AdapterInfo(_Wire):
+    """One adapter on one runtime: what the operator trusts as residency."""
+
+    name: str
+    source: str
+    revision: str | None = None
+    sha256: str | None = None
+    pinned: bool = False
+    state: RuntimeAdapterState
+    tier: Tier | None = None
+    rank: int | None = None
+    target_modules: list[str] | None = None
+    size_bytes: int | None = None
+    loaded_at: datetime | None = None
+    loading_since: datetime | None = None
+    error: str | None = None
+
+
+class AdapterList(_Wire):
+    """Body of GET /v1/adapters."""
+
+    adapters: list[AdapterInfo]
+
+
+class AdapterUnloaded(_Wire):
+    """Body of DELETE /v1/adapters/{name}: unloading while requests still use it."""
+
+    name: str
+    state: Literal["unloading", "unloaded"]
+
+
+class ErrorDetail(_Wire):
+    message: str
+    type: str | None = None
+    param: str | None = None
+    code: Annotated[str, Field(max_length=64)] | None = None
+
+
+class ErrorBody(_Wire):
+    """The body of any admin API refusal (OpenAI's error shape)."""
+
+    error: ErrorDetail
