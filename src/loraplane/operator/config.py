@@ -14,6 +14,7 @@ ENV = {
     "LORAPLANE_RUNTIME_COMMAND": "runtime_command",
     "LORAPLANE_PEERING": "peering",
     "LORAPLANE_PRIORITY": "priority",
+    "LORAPLANE_BIND_ADDRESS": "bind_address",
     "LORAPLANE_METRICS_PORT": "metrics_port",
     "LORAPLANE_HEALTH_PORT": "health_port",
     "LORAPLANE_SYNC_CONCURRENCY": "sync_concurrency",
@@ -37,6 +38,8 @@ class OperatorConfig:
     """kopf peering name: replicas that share it elect one active operator. None: standalone."""
     priority: int = 0
     """This replica's peering priority; the highest active one leads."""
+    bind_address: str = "0.0.0.0"
+    """Address of the metrics and health servers (the pod IP where pods share a host)."""
     metrics_port: int = 8080
     health_port: int = 8081
     sync_concurrency: int = 16
