@@ -122,9 +122,16 @@ build_helm() {
   log "helm $HELM_VERSION -> $dir"
 }
 
+repo="$(cd "$here/../.." && pwd)"
+repo_stages() {  # the repo's own stage files kwok-stages.txt names (./path from the repo root)
+  local f
+  while read -r f; do [[ "$f" == ./* ]] && echo "$repo/$f"; done < "$here/kwok-stages.txt"
+  return 0
+}
+
 build_kwok() {
   local dir="$bindir/kwok-$KWOK_VERSION"
-  local stamp; stamp="$(stamp_of kwok "$KWOK_VERSION" "$here/kwok-stages.txt")"
+  local stamp; stamp="$(stamp_of kwok "$KWOK_VERSION" "$here/kwok-stages.txt" $(repo_stages))"
   fresh "$dir" "$stamp" && { log "kwok $KWOK_VERSION cached in $dir"; return; }
   local tmp; tmp="$(mktemp -d "$bindir/.kwok.XXXXXX")"
   log "building kwok $KWOK_VERSION"
@@ -139,6 +146,11 @@ build_kwok() {
   : > "$tmp/stages.yaml"
   while read -r f; do
     [[ -z "$f" || "$f" == \#* ]] && continue
+    if [[ "$f" == ./* ]]; then  # our own stage, from this repo
+      [[ -f "$repo/$f" ]] || { echo "build.sh: kwok-stages.txt names $f, not in $repo" >&2; exit 1; }
+      { echo "---"; cat "$repo/$f"; } >> "$tmp/stages.yaml"
+      continue
+    fi
     [[ -f "$src/$f" ]] || { echo "build.sh: kwok $KWOK_VERSION has no $f" >&2; exit 1; }
     { echo "---"; cat "$src/$f"; } >> "$tmp/stages.yaml"
   done < "$here/kwok-stages.txt"
