@@ -1,0 +1,498 @@
+"""One base model's fleet: measure its pods, sync their adapters, open their gates, report.
+
+A Fleet is the single owner of everything the operator does to one BaseModelDeployment's
+pods. Its `sync` is level-based: it reads the world it is handed (the resource, its adapters,
+its pods, its Deployment), measures each pod whose picture is stale, acts on the difference,
+and writes status. Running it twice in a row does nothing the second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from loraplane.api import (
+    BASE_MODEL_DEPLOYMENT,
+    LORA_ADAPTER,
+    BaseModelDeployment,
+    LoraAdapter,
+    LoraAdapterStatus,
+)
+from loraplane.api.wire import ADMIN_TOKEN_KEY, AdapterInfo, credential_keys_for
+
+from . import adaptersync, manifests, names
+from .adaptersync import DesiredAdapter, Failure, GateView
+from .config import OperatorConfig
+from .kube import Kube
+from .metrics import OperatorMetrics
+from .pods import RuntimePod, gate_condition
+from .runtimeclient import PodAddress, RuntimeCallError, RuntimeClient
+from .status import (
+    FleetFacts,
+    PodAdapterFacts,
+    Reason,
+    adapter_status,
+    base_status,
+    blocked_adapter_status,
+)
+
+log = logging.getLogger(__name__)
+SECRET_MISSING = "secret_not_found"
+
+
+@dataclass
+class PodMemory:
+    """What the fleet knows about one pod beyond the Pod API: what it holds, what failed."""
+
+    incarnation: tuple[Any, ...]
+    actual: dict[str, AdapterInfo] = field(default_factory=dict)
+    failures: dict[str, Failure] = field(default_factory=dict)
+    measured_at: float = 0.0
+    gate_opened: bool = False  # this process saw this incarnation's gate open
+
+
+@dataclass
+class World:
+    """The inputs of one sync, read from kopf's indexes."""
+
+    base: Mapping[str, Any]
+    adapters: Sequence[Mapping[str, Any]]
+    pods: Sequence[Mapping[str, Any]]
+    deployment: Mapping[str, Any] | None
+
+
+class Fleet:
+    def __init__(
+        self,
+        namespace: str,
+        name: str,
+        kube: Kube,
+        runtime: RuntimeClient,
+        config: OperatorConfig,
+        metrics: OperatorMetrics,
+        pod_calls: asyncio.Semaphore,
+    ) -> None:
+        self.namespace, self.name = namespace, name
+        self.kube, self.runtime, self.config, self.metrics = kube, runtime, config, metrics
+        self.pod_calls = pod_calls
+        self.trigger = asyncio.Event()
+        self.children_dirty = True  # apply children on the first pass
+        self.applied: tuple[int, int] | None = None  # (generation, replicas) last applied
+        self.memory: dict[str, PodMemory] = {}  # pod name ->
+        self.written: dict[str, dict[str, Any]] = {}  # adapter name -> status last written
+        self.token: str | None = None
+        self.desired_replicas: int | None = None  # set by the autoscaler when it is on
+        self.port = 8000  # the runtime's, from the spec at each sync
+        self._lock = asyncio.Lock()  # one sync at a time; unload_everywhere waits for it
+
+    def poke(self, children: bool = False) -> None:
+        """Something changed: sync soon. children: a child object may need putting back."""
+        self.children_dirty = self.children_dirty or children
+        self.trigger.set()
+
+    # ---- the sync ---------------------------------------------------------------------------
+
+    async def sync(self, world: World) -> None:
+        async with self._lock:
+            started = time.monotonic()
+            try:
+                await self._sync(world)
+                self.metrics.syncs.labels(result="ok").inc()
+            except Exception:
+                self.metrics.syncs.labels(result="error").inc()
+                raise
+            finally:
+                self.metrics.sync_seconds.observe(time.monotonic() - started)
+
+    async def _sync(self, world: World) -> None:
+        bmd = BaseModelDeployment.model_validate(_strip(world.base))
+        generation = bmd.metadata.generation or 0
+        replicas = self._replicas(bmd)
+        self.port = bmd.spec.runtime.port
+        await self._ensure_token(bmd)
+        if self.children_dirty or self.applied != (generation, replicas):
+            for child in manifests.children(bmd, self.config, replicas):
+                await self.kube.apply(child)
+            self.applied, self.children_dirty = (generation, replicas), False
+
+        pods = [RuntimePod.of(p) for p in world.pods]
+        live = {p.name for p in pods}
+        for gone in set(self.memory) - live:
+            del self.memory[gone]
+        targets = [p for p in pods if p.serving_capable]
+        desired, blocked = self._desired(world.adapters)
+
+        await asyncio.gather(*(self._sync_pod(p, desired) for p in targets))
+        await self._gates(targets, desired)
+        ready, failing = await self._report_adapters(world.adapters, targets, desired, blocked)
+        self.metrics.pods_out_of_sync.labels(namespace=self.namespace, base=self.name).set(
+            sum(
+                1
+                for p in targets
+                if any(not d.held_by(self._mem(p).actual.get(s)) for s, d in desired.items())
+            )
+        )
+        await self._report_base(bmd, world, replicas, ready, failing)
+
+    def _replicas(self, bmd: BaseModelDeployment) -> int:
+        scaling = bmd.spec.autoscaling
+        if scaling is None or not scaling.enabled:
+            return bmd.spec.replicas
+        if self.desired_replicas is not None:
+            return self.desired_replicas
+        previous = bmd.status.desired_replicas if bmd.status else None
+        start = previous if previous is not None else max(scaling.min_replicas, 1)
+        return max(scaling.min_replicas, min(scaling.max_replicas, start))
+
+    async def _ensure_token(self, bmd: BaseModelDeployment) -> None:
+        if self.token is not None:
+            return
+        secret_name = names.admin_secret(self.name)
+        data = await self.kube.read_secret(self.namespace, secret_name)
+        if data is None or not data.get(ADMIN_TOKEN_KEY):
+            await self.kube.create(manifests.admin_secret(bmd, manifests.new_admin_token()))
+            data = await self.kube.read_secret(self.namespace, secret_name)
+        self.token = (data or {}).get(ADMIN_TOKEN_KEY)
+
+    def _desired(
+        self, adapters: Sequence[Mapping[str, Any]]
+    ) -> tuple[dict[str, DesiredAdapter], dict[str, tuple[Reason, str]]]:
+        """Served name -> adapter for every live adapter; blocked ones with their reason."""
+        desired: dict[str, DesiredAdapter] = {}
+        blocked: dict[str, tuple[Reason, str]] = {}
+        ordered = sorted(
+            (a for a in adapters if not a["metadata"].get("deletionTimestamp")),
+            key=lambda a: (a["metadata"].get("creationTimestamp") or "", a["metadata"]["name"]),
+        )
+        for body in ordered:
+            try:
+                want = DesiredAdapter.of(LoraAdapter.model_validate(_strip(body)))
+            except ValidationError as e:  # the API server validated it; a newer schema may not
+                blocked[body["metadata"]["name"]] = (Reason.LOAD_FAILED, f"invalid spec: {e}")
+                continue
+            holder = desired.get(want.served_name)
+            if holder is not None:
+                blocked[want.name] = (
+                    Reason.SERVED_NAME_CONFLICT,
+                    f"LoraAdapter {holder.name!r} of base {self.name!r} already serves "
+                    f"{want.served_name!r}; set a different spec.servedName",
+                )
+                continue
+            desired[want.served_name] = want
+        return desired, blocked
+
+    def _mem(self, pod: RuntimePod) -> PodMemory:
+        mem = self.memory.get(pod.name)
+        if mem is None or mem.incarnation != pod.incarnation:
+            mem = self.memory[pod.name] = PodMemory(incarnation=pod.incarnation)
+        return mem
+
+    async def _sync_pod(self, pod: RuntimePod, desired: Mapping[str, DesiredAdapter]) -> None:
+        """Measure the pod if its picture is stale, then load and unload until it matches.
+        One call at a time per pod; a broken pod only delays itself."""
+        mem = self._mem(pod)
+        address = PodAddress(pod.name, pod.ip or "", self.port)
+        try:
+            if time.monotonic() - mem.measured_at > self.config.resync_seconds:
+                async with self.pod_calls:
+                    mem.actual = await self.runtime.list_adapters(address, self.token or "")
+                mem.measured_at = time.monotonic()
+            plan = adaptersync.plan_pod(desired, mem.actual, mem.failures, time.time())
+            for served in plan.unloads:
+                async with self.pod_calls:
+                    await self.runtime.unload(address, self.token or "", served)
+                mem.actual.pop(served, None)
+                self.metrics.unloads.inc()
+            for want in plan.loads:
+                await self._load(address, mem, want)
+        except RuntimeCallError as e:
+            # Measure again next time: what it holds is unknown after a failed call.
+            mem.measured_at = 0.0
+            log.warning("%s/%s: %s", self.namespace, self.name, e)
+
+    async def _load(self, address: PodAddress, mem: PodMemory, want: DesiredAdapter) -> None:
+        try:
+            credentials = await self._credentials(want)
+        except LookupError as e:
+            mem.failures[want.served_name] = Failure.after(
+                mem.failures.get(want.served_name), want, SECRET_MISSING, str(e), time.time()
+            )
+            return
+        started = time.monotonic()
+        try:
+            async with self.pod_calls:
+                info = await self.runtime.load(
+                    address, self.token or "", want.served_name, want.request(credentials)
+                )
+        except RuntimeCallError as e:
+            if e.unreachable:
+                raise
+            mem.failures[want.served_name] = Failure.after(
+                mem.failures.get(want.served_name), want, e.code, e.message, time.time()
+            )
+            mem.actual.pop(want.served_name, None)
+            self.metrics.load_failures.labels(reason=e.code).inc()
+            return
+        self.metrics.load_seconds.observe(time.monotonic() - started)
+        mem.actual[want.served_name] = info
+        mem.failures.pop(want.served_name, None)
+
+    async def _credentials(self, want: DesiredAdapter) -> dict[str, str] | None:
+        if want.secret_name is None:
+            return None
+        data = await self.kube.read_secret(self.namespace, want.secret_name)
+        if data is None:
+            raise LookupError(
+                f"Secret {want.secret_name!r} (spec.secretRef) not found in namespace "
+                f"{self.namespace!r}: create it with the source's credentials"
+            )
+        keys = credential_keys_for(want.source)
+        return {k: v for k, v in data.items() if k in keys}
+
+    # ---- readiness gates ------------------------------------------------------------------
+
+    async def _gates(
+        self, targets: Sequence[RuntimePod], desired: Mapping[str, DesiredAdapter]
+    ) -> None:
+        views = {
+            p.name: GateView(
+                p.name,
+                bool(p.gate) and not self._gate_stale(p),
+                self._mem(p).actual,
+                self._mem(p).failures,
+            )
+            for p in targets
+        }
+        wanted = list(desired.values())
+        required = adaptersync.established(wanted, views.values())
+        now = datetime.now(UTC).replace(microsecond=0)
+        for pod in targets:
+            view = views[pod.name]
+            if pod.gate and self._gate_stale(pod):
+                await self._set_gate(
+                    pod,
+                    False,
+                    "RuntimeRestarted",
+                    "the runtime restarted and lost its adapters",
+                    now,
+                )
+                continue
+            if view.open:
+                self._mem(pod).gate_opened = True
+                continue
+            ok, why = adaptersync.gate_may_open(view, wanted, required)
+            if ok:
+                if await self._set_gate(
+                    pod, True, "AdaptersLoaded", f"holds all {len(required)} serving adapters", now
+                ):
+                    self._mem(pod).gate_opened = True
+            elif pod.gate is None:
+                await self._set_gate(pod, False, "LoadingAdapters", why, now)
+
+    def _gate_stale(self, pod: RuntimePod) -> bool:
+        mem = self.memory.get(pod.name)
+        restarted_here = mem is not None and mem.incarnation != pod.incarnation and mem.gate_opened
+        return restarted_here or adaptersync.gate_is_stale(pod.gate_since, pod.container_started)
+
+    async def _set_gate(
+        self, pod: RuntimePod, open_: bool, reason: str, message: str, now: datetime
+    ) -> bool:
+        condition = gate_condition(open_, reason, message, now)
+        return await self.kube.set_pod_condition(
+            self.namespace, pod.name, pod.resource_version, condition
+        )
+
+    # ---- status ---------------------------------------------------------------------------
+
+    async def _report_adapters(
+        self,
+        bodies: Sequence[Mapping[str, Any]],
+        targets: Sequence[RuntimePod],
+        desired: Mapping[str, DesiredAdapter],
+        blocked: Mapping[str, tuple[Reason, str]],
+    ) -> tuple[int, list[str]]:
+        ready, failing = 0, []
+        by_name = {d.name: d for d in desired.values()}
+        writes = []
+        for body in bodies:
+            meta = body["metadata"]
+            if meta.get("deletionTimestamp"):
+                continue
+            name = meta["name"]
+            previous = _status(body)
+            want = by_name.get(name)
+            if want is None:
+                reason, message = blocked.get(name, (Reason.LOAD_FAILED, "not synced"))
+                status = blocked_adapter_status(
+                    meta.get("generation") or 0, served_name_of(body), reason, message, previous
+                )
+                failing.append(name)
+            else:
+                facts = []
+                for pod in targets:
+                    mem = self._mem(pod)
+                    info = mem.actual.get(want.served_name)
+                    failure = mem.failures.get(want.served_name)
+                    failure = failure if failure and failure.applies_to(want) else None
+                    facts.append(
+                        PodAdapterFacts(
+                            adaptersync.replica_row(pod.name, want, info, failure), info, failure
+                        )
+                    )
+                status = adapter_status(want, facts, previous)
+                if status.loaded_replicas == status.total_replicas and status.total_replicas:
+                    ready += 1
+                elif any(f.failure for f in facts):
+                    failing.append(name)
+            writes.append((body, previous, status))
+        await asyncio.gather(*(self._write_adapter(b, p, s) for b, p, s in writes))
+        return ready, failing
+
+    async def _write_adapter(
+        self, body: Mapping[str, Any], previous: LoraAdapterStatus | None, status: LoraAdapterStatus
+    ) -> None:
+        name = body["metadata"]["name"]
+        new = status.to_dict()
+        old = self.written.get(name) or (previous.to_dict() if previous else None)
+        if new == old:
+            return
+        await self.kube.patch_status(LORA_ADAPTER.plural, self.namespace, name, new)
+        self.written[name] = new
+        await self._events(body, previous, status)
+
+    async def _events(
+        self, body: Mapping[str, Any], previous: LoraAdapterStatus | None, status: LoraAdapterStatus
+    ) -> None:
+        """One Event per change an owner cares about: loaded somewhere new, failed, ready."""
+        obj = {**body, "apiVersion": body.get("apiVersion"), "kind": LORA_ADAPTER.kind}
+        before = {r.pod: r for r in (previous.replicas or [])} if previous else {}
+        newly_loaded = [
+            r.pod
+            for r in status.replicas or []
+            if r.state == "Loaded" and (r.pod not in before or before[r.pod].state != "Loaded")
+        ]
+        newly_failed = [
+            r
+            for r in status.replicas or []
+            if r.state == "Failed" and (r.pod not in before or before[r.pod].message != r.message)
+        ]
+        if newly_loaded:
+            await self.kube.event(
+                obj,
+                "Normal",
+                "Loaded",
+                f"loaded on {_pods(newly_loaded)} ({status.loaded} replicas)",
+            )
+        for row in newly_failed[:3]:
+            await self.kube.event(obj, "Warning", "LoadFailed", f"pod {row.pod}: {row.message}")
+        unloaded = [
+            p
+            for p, r in before.items()
+            if r.state == "Loaded" and p not in {x.pod for x in status.replicas or []}
+        ]
+        if unloaded:
+            await self.kube.event(obj, "Normal", "Unloaded", f"no longer held by {_pods(unloaded)}")
+
+    async def _report_base(
+        self, bmd: BaseModelDeployment, world: World, replicas: int, ready: int, failing: list[str]
+    ) -> None:
+        deploy = world.deployment or {}
+        dstatus = deploy.get("status") or {}
+        dconds = {c.get("type"): c for c in dstatus.get("conditions") or ()}
+        failure = dconds.get("ReplicaFailure", {})
+        progressing = dconds.get("Progressing", {})
+        facts = FleetFacts(
+            generation=bmd.metadata.generation or 0,
+            desired_replicas=replicas,
+            replicas=int(dstatus.get("replicas") or 0),
+            ready_replicas=int(dstatus.get("readyReplicas") or 0),
+            updated_replicas=int(dstatus.get("updatedReplicas") or 0),
+            deployment_observed=bool(deploy)
+            and (dstatus.get("observedGeneration") or 0)
+            >= ((deploy.get("metadata") or {}).get("generation") or 0),
+            replica_failure=failure.get("message") if failure.get("status") == "True" else None,
+            rollout_stuck=progressing.get("message")
+            if progressing.get("reason") == "ProgressDeadlineExceeded"
+            else None,
+            adapters_ready=ready,
+            failing_adapters=tuple(sorted(failing)),
+            selector=names.selector_string(self.name),
+            endpoint=manifests.endpoint(bmd),
+        )
+        status = base_status(facts, bmd.status)
+        new, old = status.to_dict(), (bmd.status.to_dict() if bmd.status else None)
+        if new != old:
+            await self.kube.patch_status(
+                BASE_MODEL_DEPLOYMENT.plural, self.namespace, self.name, new
+            )
+
+    # ---- deletion -------------------------------------------------------------------------
+
+    async def unload_everywhere(
+        self, served_name: str, pods: Sequence[Mapping[str, Any]], still_wanted: bool
+    ) -> list[str]:
+        """DELETE one adapter from every pod that may hold it; the pods that still do.
+
+        A pod that is gone or terminating never holds a deletion up: it takes the adapter
+        with it.
+        """
+        if still_wanted:  # another LoraAdapter serves this name now: leave it loaded
+            return []
+        holding = []
+        async with self._lock:
+            for pod in (RuntimePod.of(p) for p in pods):
+                if not pod.ip or pod.terminating:
+                    continue
+                try:
+                    async with self.pod_calls:
+                        await self.runtime.unload(
+                            PodAddress(pod.name, pod.ip, self.port), self.token or "", served_name
+                        )
+                    self._mem(pod).actual.pop(served_name, None)
+                except RuntimeCallError as e:
+                    if pod.containers_ready:  # a starting pod holds nothing yet
+                        holding.append(f"{pod.name} ({e.message})")
+        return holding
+
+
+def served_name_of(body: Mapping[str, Any]) -> str:
+    """A LoraAdapter body's served name: spec.servedName or metadata.name."""
+    return (body.get("spec") or {}).get("servedName") or body["metadata"]["name"]
+
+
+def _strip(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A resource as the API models read it: only the fields they know."""
+    meta = body.get("metadata") or {}
+    out: dict[str, Any] = {
+        "metadata": {
+            k: meta.get(k)
+            for k in ("name", "namespace", "uid", "generation", "resourceVersion")
+            if meta.get(k) is not None
+        },
+        "spec": body.get("spec") or {},
+    }
+    if body.get("status"):
+        out["status"] = body["status"]
+    return out
+
+
+def _status(body: Mapping[str, Any]) -> LoraAdapterStatus | None:
+    raw = body.get("status")
+    if not raw:
+        return None
+    try:
+        return LoraAdapterStatus.model_validate(raw)
+    except ValidationError:
+        return None  # written by an older operator: start over
+
+
+def _pods(pods: Sequence[str]) -> str:
+    shown = ", ".join(sorted(pods)[:5])
+    return shown + (f" and {len(pods) - 5} more" if len(pods) > 5 else "")

@@ -1,0 +1,35 @@
+"""What every handler shares: the config, the API and runtime clients, and one Fleet per base."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from ..config import OperatorConfig
+from ..fleet import Fleet
+from ..kube import Kube
+from ..metrics import OperatorMetrics
+from ..runtimeclient import RuntimeClient
+
+
+@dataclass
+class Context:
+    config: OperatorConfig
+    kube: Kube
+    runtime: RuntimeClient
+    metrics: OperatorMetrics
+    pod_calls: asyncio.Semaphore
+    fleets: dict[tuple[str, str], Fleet] = field(default_factory=dict)
+
+    def fleet(self, namespace: str, name: str) -> Fleet:
+        key = (namespace, name)
+        if key not in self.fleets:
+            self.fleets[key] = Fleet(
+                namespace, name, self.kube, self.runtime, self.config, self.metrics, self.pod_calls
+            )
+        return self.fleets[key]
+
+    def poke(self, namespace: str | None, base: str | None, children: bool = False) -> None:
+        fleet = self.fleets.get((namespace or "", base or ""))
+        if fleet is not None:
+            fleet.poke(children)
