@@ -192,7 +192,7 @@ def test_a_pod_whose_scrape_failed_counts_at_its_rate_and_a_gone_one_does_not():
     with_failure.observe(62, {"a": s(310), "b": None})
     gone.observe(62, {"a": s(310)})
     assert with_failure.load(60, 6).panic_rate == pytest.approx(10.0)
-    assert gone.load(60, 6).panic_rate == pytest.approx((30 + 10) / 6)  # b until 60 only
+    assert gone.load(60, 6).panic_rate == pytest.approx((30 + 20) / 6)  # b until 60 only
 
 
 def test_all_scrapes_failing_is_no_measurement():
