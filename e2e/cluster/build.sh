@@ -111,12 +111,18 @@ build_etcd() {
 # module, with the versions and checksums their own go.mod and go.sum pin.
 build_helm() {
   local dir="$bindir/helm-$HELM_VERSION"
-  local stamp; stamp="$(stamp_of helm "$HELM_VERSION")"
+  # As helm's own Makefile does: without it `helm template` and `helm lint` assume
+  # Kubernetes v1.20 and refuse a chart whose kubeVersion asks for more.
+  local minor; minor="$(cut -d. -f2 <<<"$K8S_VERSION")"
+  local ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" p
+  for p in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    ld+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$minor"
+  done
+  local stamp; stamp="$(stamp_of helm "$HELM_VERSION" <(echo "$ld"))"
   fresh "$dir" "$stamp" && { log "helm $HELM_VERSION cached in $dir"; return; }
   local tmp; tmp="$(mktemp -d "$bindir/.helm.XXXXXX")"
-  log "building helm $HELM_VERSION"
-  (cd "$tmp" && GOBIN="$tmp" "$GO" install -p "$jobs" -trimpath \
-    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+  log "building helm $HELM_VERSION (default Kubernetes 1.$minor)"
+  (cd "$tmp" && GOBIN="$tmp" "$GO" install -p "$jobs" -trimpath -ldflags "$ld" \
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION")
   publish "$tmp" "$dir" "$stamp"
   log "helm $HELM_VERSION -> $dir"
