@@ -78,3 +78,23 @@ def test_check_reports_missing_and_stale_files(tmp_path, capsys):
     assert "loraplane.io_oldthings.yaml: no longer generated" in err
     main(["--out", str(out), "--chart", str(chart)])  # generating removes the stale file
     assert check(out, chart) == 0
+
+
+def test_every_integer_bound_survives_the_api_servers_float64() -> None:
+    """A maximum above 2**53 is rounded by the API server (2**63 - 1 became -2**63 and refused
+    every status write)."""
+    from loraplane.api.crdgen import all_crds
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key in ("maximum", "minimum"):
+                if key in node:
+                    assert abs(node[key]) <= 2**53 - 1, node
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for crd in all_crds().values():
+        walk(crd)

@@ -25,6 +25,11 @@ DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-
 QUANTITY = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
 SHA256_HEX = r"^[0-9a-f]{64}$"
 
+# The API server reads a schema's maximum as a float64: 2**63 - 1 rounds up to 2**63, which
+# overflows to -2**63 and then refuses every value. 2**53 - 1 is the largest integer a float64
+# holds exactly, and more than any generation or byte count will reach.
+MAX_COUNTER = 2**53 - 1
+
 # Base names become Deployment, Service and PodDisruptionBudget names and label values with a
 # short suffix, so they must be DNS-1035 labels with room left under the 63-character limit.
 BASE_NAME_MAX = 52

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from .base import (
     BASE_NAME_MAX,
     DNS1035_LABEL,
+    MAX_COUNTER,
     K8sModel,
     ObjectMeta,
     Rule,
@@ -157,7 +158,7 @@ class BaseModelConditionType(StrEnum):
 class BaseModelDeploymentStatus(K8sModel):
     """The observed state of a BaseModelDeployment, written by the operator."""
 
-    observed_generation: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    observed_generation: int | None = Field(default=None, ge=0, le=MAX_COUNTER)
     """The metadata.generation this status describes."""
     replicas: int | None = Field(default=None, ge=0, le=MAX_REPLICAS)
     """Runtime pods that exist (the scale subresource's status replicas)."""

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from .base import K8sModel
+from .base import MAX_COUNTER, K8sModel
 
 # The conventions' reason grammar (metav1.Condition): CamelCase words, no spaces.
 REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
@@ -36,7 +36,7 @@ class Condition(K8sModel):
     """Human-readable details of the last transition: what happened and what to do."""
     last_transition_time: datetime
     """When the status last changed (not when the condition was last checked)."""
-    observed_generation: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    observed_generation: int | None = Field(default=None, ge=0, le=MAX_COUNTER)
     """The metadata.generation the condition was computed from."""
 
 

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from .base import (
     DNS1123_LABEL,
+    MAX_COUNTER,
     BaseModelName,
     DNSSubdomain,
     K8sModel,
@@ -103,7 +104,7 @@ class AdapterConditionType(StrEnum):
 class LoraAdapterStatus(K8sModel):
     """The observed state of a LoraAdapter, written by the operator."""
 
-    observed_generation: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    observed_generation: int | None = Field(default=None, ge=0, le=MAX_COUNTER)
     """The metadata.generation this status describes."""
     served_name: Annotated[str, Field(max_length=128)] | None = None
     """The name clients send: spec.servedName, or metadata.name when that is unset."""
@@ -113,7 +114,7 @@ class LoraAdapterStatus(K8sModel):
         default=None, max_length=64
     )
     """Modules of the base model the adapter changes, such as q_proj and v_proj."""
-    size_bytes: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    size_bytes: int | None = Field(default=None, ge=0, le=MAX_COUNTER)
     """Size of the adapter weights."""
     sha256: Sha256 | None = None
     """SHA-256 of the adapter_model.safetensors that was loaded."""

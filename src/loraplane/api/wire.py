@@ -62,6 +62,25 @@ CREDENTIAL_KEYS: tuple[str, ...] = tuple(
 )
 
 
+def redact_source(source: str) -> str:
+    """source fit to show and log: a password in the URL and a (presigned) query become ***.
+
+    A user-supplied URL may carry credentials (https://user:pass@host/..., an S3 presigned
+    query); the runtime reports and logs only this form. Compare sources by this form too.
+    """
+    scheme, sep, rest = source.partition("://")
+    if not sep:
+        return source
+    end = min((i for i in (rest.find(c) for c in "/?#") if i != -1), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    userinfo, at, host = authority.rpartition("@")
+    if at and scheme in ("http", "https"):  # hf://name@revision is no userinfo
+        authority = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else f"***@{host}"
+    path, q, query = tail.partition("?")
+    fragment = query.partition("#")[1:] if q else ("", "")
+    return f"{scheme}://{authority}{path}" + ("?***" if q else "") + "".join(fragment)
+
+
 def credential_keys_for(source: str) -> tuple[str, ...]:
     """The secret keys that matter for this source; other keys in the Secret stay unread."""
     scheme = source.split("://", 1)[0]
@@ -137,6 +156,11 @@ class AdapterErrorCode(StrEnum):
     INCOMPATIBLE = "incompatible"
     CHECKSUM_MISMATCH = "checksum_mismatch"
     CONFLICT = "conflict"
+    SOURCE_TOO_LARGE = "source_too_large"
+    SOURCE_TIMEOUT = "source_timeout"
+    TOO_MANY_FETCHES = "too_many_fetches"
+    INSUFFICIENT_STORAGE = "insufficient_storage"
+    SHUTTING_DOWN = "shutting_down"
 
 
 # Refusals that another try cannot fix: only a change of the adapter or the base can.
