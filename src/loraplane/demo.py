@@ -90,6 +90,8 @@ def _runtime_command(base: Path, port: int, cache_dir: Path) -> list[str]:
         str(cache_dir),
         "--log-level",
         "warning",
+        # The demo runs on loopback for one user; the operator always sets a token.
+        "--allow-unauthenticated-admin",
     ]
 
 

@@ -85,6 +85,7 @@ def make_config(base: Path, tmp: Path, **overrides):
         max_batch_tokens=1024,
         cache_dir=tmp / "cache",
         pvc_root=tmp / "pvc",
+        allow_unauthenticated_admin=True,
     )
     return RuntimeConfig(**(defaults | overrides))
 

@@ -47,13 +47,53 @@ def test_command_line_builds_one_config(tmp_path):
         ["--model", "/m", "--device", "cpu"], environ={"LORAPLANE_ADMIN_TOKEN": "from-env"}
     )
     assert env_only.admin_token == "from-env"
+    env = {"LORAPLANE_ADMIN_TOKEN": "t"}
     with pytest.raises(SystemExit):
-        parse_args(["--model", "/m", "--adapter", "no-equals"], environ={})
+        parse_args(["--model", "/m", "--adapter", "no-equals"], environ=env)
     with pytest.raises(ValueError, match="max-adapters"):
-        parse_args(["--model", "/m", "--device", "cpu", "--max-adapters", "0"], environ={})
+        parse_args(["--model", "/m", "--device", "cpu", "--max-adapters", "0"], environ=env)
     for flag in ("--max-queue", "--max-running"):  # 0 would refuse or stall every request
         with pytest.raises(ValueError, match=flag):
-            parse_args(["--model", "/m", "--device", "cpu", flag, "0"], environ={})
+            parse_args(["--model", "/m", "--device", "cpu", flag, "0"], environ=env)
+
+
+def test_the_admin_api_is_never_open_by_accident(tmp_path):
+    with pytest.raises(ValueError, match="allow-unauthenticated-admin"):
+        parse_args(["--model", "/m", "--device", "cpu"], environ={})
+    empty = tmp_path / "empty"
+    empty.write_text("  \n")
+    with pytest.raises(ValueError, match="empty"):
+        parse_args(["--model", "/m", "--admin-token-file", str(empty)], environ={})
+    with pytest.raises(ValueError, match="allow-unauthenticated-admin"):  # an empty env is unset
+        parse_args(["--model", "/m", "--device", "cpu"], environ={"LORAPLANE_ADMIN_TOKEN": ""})
+    open_ = parse_args(
+        ["--model", "/m", "--device", "cpu", "--allow-unauthenticated-admin"], environ={}
+    )
+    assert open_.admin_token is None and open_.allow_unauthenticated_admin
+    limits = parse_args(
+        [
+            "--model",
+            "/m",
+            "--device",
+            "cpu",
+            "--allow-unauthenticated-admin",
+            "--max-request-bytes",
+            "1000",
+            "--fetch-timeout",
+            "5",
+            "--allow-source-cidr",
+            "169.254.10.0/24",
+        ],
+        environ={},
+    )
+    assert limits.max_request_bytes == 1000 and limits.fetch_timeout_s == 5
+    assert limits.allow_source_cidrs == ("169.254.10.0/24",)
+    assert "169.254.0.0/16" in limits.deny_source_cidrs
+    with pytest.raises(ValueError, match="not a CIDR"):
+        parse_args(
+            ["--model", "/m", "--device", "cpu", "--allow-source-cidr", "x"],
+            environ={},
+        )
 
 
 def test_sigterm_finishes_running_requests_then_exits_zero(demo_dir, tmp_path):  # noqa: F811

@@ -16,6 +16,7 @@ import pytest
 from server_fixtures import demo_dir  # noqa: F401
 
 from loraplane.runtime.adapters.errors import (
+    InvalidAdapter,
     InvalidSource,
     SourceNotFound,
     SourceUnreachable,
@@ -99,6 +100,7 @@ def test_hf_arguments_reach_huggingface_hub(tmp_path, monkeypatch):
         "token": "from-secret",
         "cache_dir": str(tmp_path / "cache" / "hf"),
         "allow_patterns": list(ADAPTER_FILES),
+        "etag_timeout": 10.0,  # a hub that stops answering is given up on
     }
     assert model["token"] == "from-env" and model["revision"] is None
     assert "*.safetensors" in model["allow_patterns"] and "tokenizer*" in model["allow_patterns"]
@@ -144,10 +146,7 @@ def test_s3_source_through_an_fsspec_filesystem(tmp_path, poet):
     assert not list((tmp_path / "cache" / "sources").glob(".partial-*"))
 
 
-@pytest.fixture
-def http_root(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
+def _serve(root: Path, tls=None):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
 
     class Quiet(handler.func):  # type: ignore[name-defined,misc]
@@ -166,11 +165,63 @@ def http_root(tmp_path):
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(Quiet, directory=str(root))
     )
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    return server
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    server = _serve(root)
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def https_root(tmp_path):
+    """An https server on loopback with a throwaway self-signed certificate, and its trust."""
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    root = tmp_path / "www-tls"
+    root.mkdir()
+    server = _serve(root, tls)
+    yield (
+        root,
+        f"https://127.0.0.1:{server.server_address[1]}",
+        ssl.create_default_context(cafile=str(cert)),
+    )
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_bearer_token_goes_only_over_https(tmp_path, poet, https_root):
+    root, url, trust = https_root
+    shutil.copytree(poet, root / "private" / "poet")
+    fetcher = Fetcher(tmp_path / "cache", tmp_path / "pvc", tls_verify=trust)
+    with pytest.raises(SourceUnreachable, match="401"):
+        fetcher.fetch(f"{url}/private/poet")
+    got = fetcher.fetch(f"{url}/private/poet", credentials={"BEARER_TOKEN": "sesame"})
+    assert same_files(got, poet)
 
 
 def test_https_source_files_and_archives(tmp_path, poet, http_root):
@@ -194,12 +245,12 @@ def test_https_source_files_and_archives(tmp_path, poet, http_root):
     shutil.copytree(poet, root / "private" / "poet")
     with pytest.raises(SourceUnreachable, match="401"):
         fetcher.fetch(f"{url}/private/poet")
-    got = fetcher.fetch(f"{url}/private/poet", credentials={"BEARER_TOKEN": "sesame"})
-    assert same_files(got, poet)
+    with pytest.raises(InvalidSource, match="in clear"):  # never over plain http
+        fetcher.fetch(f"{url}/private/poet", credentials={"BEARER_TOKEN": "sesame"})
     with pytest.raises(SourceNotFound, match="404"):
         fetcher.fetch(f"{url}/absent")
     (root / "broken.tar.gz").write_bytes(b"not a tarball")
-    with pytest.raises(SourceNotFound, match="archive"):
+    with pytest.raises(InvalidAdapter, match="archive"):
         fetcher.fetch(f"{url}/broken.tar.gz")
 
 
@@ -212,7 +263,10 @@ def test_base_model_from_a_source_uri(tmp_path, demo_dir):  # noqa: F811
     for f in base.iterdir():
         memory.pipe(f"/models/tiny-base/{f.name}", f.read_bytes())
     config = RuntimeConfig(
-        model="s3://models/tiny-base", cache_dir=tmp_path / "c", pvc_root=tmp_path / "pvc"
+        model="s3://models/tiny-base",
+        cache_dir=tmp_path / "c",
+        pvc_root=tmp_path / "pvc",
+        allow_unauthenticated_admin=True,
     )
     fetcher = Fetcher(config.cache_dir, config.pvc_root, filesystem=lambda *_, **__: memory)
     runtime = Runtime(config, fetcher=fetcher)

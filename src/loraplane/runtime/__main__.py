@@ -20,15 +20,18 @@ def parse_args(
     env = os.environ if environ is None else environ
     p = _parser(env)
     a = p.parse_args(argv)
+    d = _defaults()
     adapters = {}
     for item in a.adapter:
         name, sep, source = item.partition("=")
         if not sep or not name or not source:
             p.error(f"--adapter {item!r} must be NAME=SOURCE")
         adapters[name] = source
-    token = env.get(ADMIN_TOKEN_ENV)
+    token = env.get(ADMIN_TOKEN_ENV) or None
     if a.admin_token_file is not None:
         token = a.admin_token_file.read_text().strip()
+        if not token:
+            raise ValueError(f"--admin-token-file {a.admin_token_file} is empty")
     logging.basicConfig(
         level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -47,16 +50,27 @@ def parse_args(
         max_queue=a.max_queue,
         max_running=a.max_running,
         adapters=adapters,
-        admin_token=token or None,
+        admin_token=token,
+        allow_unauthenticated_admin=a.allow_unauthenticated_admin,
         cache_dir=a.cache_dir,
         pvc_root=a.pvc_root,
         hf_token=env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN"),
         shutdown_timeout_s=a.shutdown_timeout,
+        max_request_bytes=a.max_request_bytes,
+        max_adapter_bytes=a.max_adapter_bytes,
+        fetch_timeout_s=a.fetch_timeout,
+        max_concurrent_fetches=a.max_concurrent_fetches,
+        deny_source_cidrs=tuple(a.deny_source_cidr) if a.deny_source_cidr else d.deny_source_cidrs,
+        allow_source_cidrs=tuple(a.allow_source_cidr),
     )
 
 
+def _defaults() -> RuntimeConfig:
+    return RuntimeConfig(model="unset", allow_unauthenticated_admin=True)
+
+
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    d = RuntimeConfig(model="unset")
+    d = _defaults()
     p = argparse.ArgumentParser(prog="loraplane-runtime", description=__doc__)
     p.add_argument("--model", required=True, help="local directory or source URI of the base")
     p.add_argument("--served-model-name", help="the model id clients send for the base")
@@ -110,6 +124,49 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help=f"bearer token for /v1/adapters (or env {ADMIN_TOKEN_ENV})",
     )
     p.add_argument(
+        "--allow-unauthenticated-admin",
+        action="store_true",
+        help="serve the admin API without a token (local tests and demos only)",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=d.max_request_bytes,
+        help="largest HTTP request body; larger ones get 413",
+    )
+    p.add_argument(
+        "--max-adapter-bytes",
+        type=int,
+        default=d.max_adapter_bytes,
+        help="largest adapter download, and the most its archive may unpack to",
+    )
+    p.add_argument(
+        "--fetch-timeout",
+        type=float,
+        default=d.fetch_timeout_s,
+        help="seconds one adapter fetch may take, end to end",
+    )
+    p.add_argument(
+        "--max-concurrent-fetches",
+        type=int,
+        default=d.max_concurrent_fetches,
+        help="remote adapter fetches at once; more PUTs get 429",
+    )
+    p.add_argument(
+        "--deny-source-cidr",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help=f"never fetch adapters from here (repeatable; replaces the default {', '.join(d.deny_source_cidrs)})",
+    )
+    p.add_argument(
+        "--allow-source-cidr",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="fetch from here even inside a denied range (repeatable)",
+    )
+    p.add_argument(
         "--cache-dir", type=Path, default=Path(env.get("LORAPLANE_CACHE_DIR", d.cache_dir))
     )
     p.add_argument(
@@ -141,7 +198,7 @@ def serve(config: RuntimeConfig) -> None:
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
             # Readiness fails at once, so load balancers stop sending before we close.
-            runtime.engine.begin_drain()
+            runtime.begin_shutdown()
             super().handle_exit(sig, frame)
 
     server = Server(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraplane.api.wire import RUNTIME_DTYPES
+from loraplane.api.wire import ADMIN_TOKEN_ENV, RUNTIME_DTYPES
+from loraplane.runtime.adapters.guard import DEFAULT_DENY
 
 DTYPES = RUNTIME_DTYPES
 DEVICES = ("cpu", "cuda")
@@ -32,6 +34,9 @@ class RuntimeConfig:
     block_size: int = 16
     adapters: dict[str, str] = field(default_factory=dict)  # preloaded: name -> source
     admin_token: str | None = None
+    # Without a token the admin API (load any URL, unload anyone's adapter) is open to every
+    # client that reaches the port: only with this said out loud.
+    allow_unauthenticated_admin: bool = False
     cache_dir: Path = Path.home() / ".cache" / "loraplane" / "runtime"
     pvc_root: Path = Path("/mnt/pvc")  # pvc://claim/path -> pvc_root/claim/path
     hf_token: str | None = None
@@ -39,6 +44,13 @@ class RuntimeConfig:
     default_max_tokens: int = 256  # chat requests that give no max_tokens
     shutdown_timeout_s: float = 30.0
     seed: int = 0
+    # Hostile input bounds (docs/security.md).
+    max_request_bytes: int = 4 << 20  # an HTTP body; a prompt of max_batch_tokens is far less
+    max_adapter_bytes: int = 4 << 30  # an adapter's download, and what its archive unpacks to
+    fetch_timeout_s: float = 600.0  # one adapter fetch, end to end
+    max_concurrent_fetches: int = 4  # remote adapter fetches at once; more get 429
+    deny_source_cidrs: tuple[str, ...] = DEFAULT_DENY  # never fetched from
+    allow_source_cidrs: tuple[str, ...] = ()  # carve-outs from deny_source_cidrs
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -64,6 +76,30 @@ class RuntimeConfig:
             )
         if not 0 < self.port < 65536:
             raise ValueError(f"--port {self.port} is out of range")
+        if self.admin_token is not None and not self.admin_token.strip():
+            raise ValueError("the admin token is empty; put a token in --admin-token-file")
+        if self.admin_token is None and not self.allow_unauthenticated_admin:
+            raise ValueError(
+                "the admin API needs a bearer token: give --admin-token-file or "
+                f"{ADMIN_TOKEN_ENV}, or --allow-unauthenticated-admin to leave it open "
+                "(local tests and demos only)"
+            )
+        for name in ("max_request_bytes", "max_adapter_bytes", "max_concurrent_fetches"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
+        if not self.fetch_timeout_s > 0:
+            raise ValueError(f"--fetch-timeout must be positive, got {self.fetch_timeout_s}")
+        for flag, cidrs in (
+            ("--deny-source-cidr", self.deny_source_cidrs),
+            ("--allow-source-cidr", self.allow_source_cidrs),
+        ):
+            for cidr in cidrs:
+                try:
+                    ipaddress.ip_network(cidr, strict=False)
+                except ValueError as e:
+                    raise ValueError(f"{flag} {cidr!r} is not a CIDR: {e}") from e
         self.cache_dir = Path(self.cache_dir)
         self.pvc_root = Path(self.pvc_root)
 

@@ -51,6 +51,10 @@ class ModelRunner:
         return set(self.lora.layers)
 
     @property
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        return {p: (m.in_features, m.out_features) for p, m in self.lora.layers.items()}
+
+    @property
     def linear_modules(self) -> set[str]:
         return set(self.lora.layers) | set(self.lora.other_linears)
 

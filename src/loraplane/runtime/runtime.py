@@ -6,6 +6,8 @@ import logging
 import time
 from pathlib import Path
 
+from loraplane.api.wire import redact_source
+from loraplane.runtime.adapters.guard import FetchLimits, parse_networks
 from loraplane.runtime.adapters.manager import AdapterEntry, AdapterManager, ModelFacts
 from loraplane.runtime.adapters.sources import Fetcher, split_source
 from loraplane.runtime.config import RuntimeConfig
@@ -22,7 +24,19 @@ class Runtime:
         from transformers import AutoTokenizer
 
         self.config = config
-        self.fetcher = fetcher or Fetcher(config.cache_dir, config.pvc_root, config.hf_token)
+        self.fetcher = fetcher or Fetcher(
+            config.cache_dir,
+            config.pvc_root,
+            config.hf_token,
+            limits=FetchLimits(
+                max_bytes=config.max_adapter_bytes,
+                timeout_s=config.fetch_timeout_s,
+                read_timeout_s=min(30.0, config.fetch_timeout_s),
+                deny=parse_networks(config.deny_source_cidrs),
+                allow=parse_networks(config.allow_source_cidrs),
+            ),
+            max_concurrent=config.max_concurrent_fetches,
+        )
         self.model_dir = self._model_dir()
         ModelConfig.from_dir(self.model_dir)  # refuse an unservable model before anything loads
         self.base_name = config.served_model_name or self._default_name()
@@ -39,6 +53,7 @@ class Runtime:
             },
             modules=self.runner.linear_modules,
             lora_modules=self.runner.lora_modules,
+            shapes=self.runner.lora_shapes,
         )
         self.adapters = AdapterManager(
             self.fetcher,
@@ -88,8 +103,13 @@ class Runtime:
         entry, created = self.adapters.register(name, source, **kwargs)
         if created:
             self.metrics.adapter_load.observe(time.monotonic() - started)
-            log.info("adapter %s loaded from %s (rank %d)", name, source, entry.rank)
+            log.info("adapter %s loaded from %s (rank %d)", name, redact_source(source), entry.rank)
         return entry, created
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: readiness fails at once and loads in flight stop (nobody will use them)."""
+        self.engine.begin_drain()
+        self.adapters.stop_loading()
 
     def stop(self) -> None:
         self.engine.stop()

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraplane.runtime.adapters.guard import Guard
 from loraplane.runtime.lora import AdapterWeights
 
 _uids = itertools.count(1)
@@ -67,6 +68,13 @@ class Loading:
     error: Exception | None = None
     # Why it must not be registered: a DELETE, or a newer PUT, came while it loaded.
     cancelled: str | None = None
+    guard: Guard | None = None  # the fetch's bounds; cancelling stops the fetch too
+
+    def cancel(self, reason: str) -> None:
+        self.cancelled = reason
+        if self.guard is not None:
+            self.guard.reason.append(reason)
+            self.guard.cancel.set()
 
 
 @dataclass
@@ -76,3 +84,5 @@ class ModelFacts:
     names: set[str]  # every name the base goes by: served name, source, directory
     modules: set[str]  # module paths of every nn.Linear in the base
     lora_modules: set[str]  # the ones wrapped by inject_lora
+    # (d_in, d_out) of each wrapped module: an adapter's A and B must fit them exactly.
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)

@@ -7,9 +7,17 @@ class AdapterError(Exception):
     status = 422
     kind = "invalid_adapter"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.field = field  # the request or adapter_config.json field at fault, when one is
+
+
+class InvalidAdapter(AdapterError):
+    """The adapter's files are malformed or hold values no adapter can have (422)."""
+
+    status = 422
+    kind = "invalid_adapter"
 
 
 class InvalidName(AdapterError):
@@ -50,3 +58,30 @@ class ChecksumMismatch(AdapterError):
 class Conflict(AdapterError):
     status = 409
     kind = "conflict"
+
+
+class SourceTooLarge(AdapterError):
+    status = 422
+    kind = "source_too_large"
+
+
+class SourceTimeout(AdapterError):
+    status = 504
+    kind = "source_timeout"
+
+
+class TooManyFetches(AdapterError):
+    status = 429
+    kind = "too_many_fetches"
+
+
+class InsufficientStorage(AdapterError):
+    status = 507
+    kind = "insufficient_storage"
+
+
+class RuntimeClosing(AdapterError):
+    """A PUT that came after SIGTERM (503)."""
+
+    status = 503
+    kind = "shutting_down"

@@ -11,13 +11,16 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from loraplane.api.wire import redact_source
 from loraplane.runtime.adapters.entry import AdapterEntry, Loading, ModelFacts
 from loraplane.runtime.adapters.errors import (
     AdapterNotFound,
     ChecksumMismatch,
     Conflict,
-    Incompatible,
+    InvalidAdapter,
+    RuntimeClosing,
 )
+from loraplane.runtime.adapters.guard import Guard
 from loraplane.runtime.adapters.names import check_name
 from loraplane.runtime.adapters.placement import Placement
 from loraplane.runtime.adapters.sources import Fetcher, sha256_file
@@ -43,6 +46,7 @@ class AdapterManager:
         self.entries: dict[str, AdapterEntry] = {}
         self.retired: list[AdapterEntry] = []
         self.loading: dict[str, Loading] = {}
+        self.closing = False
         self.placement = Placement(self.lock, max_adapters, max_cpu_adapters, on_change)
         self.slots = self.placement.slots  # the engine asks it for a free slot
 
@@ -67,16 +71,30 @@ class AdapterManager:
         sha256 = sha256.lower() if sha256 else None
         key = (source, revision, sha256)
         with self.lock:
+            if self.closing:
+                raise RuntimeClosing(
+                    f"adapter {name!r} was not loaded: the runtime is shutting down"
+                )
             current = self.entries.get(name)
-            if current is not None and current.same_source(source, revision, sha256):
+            # A failed adapter is loaded again: a PUT is how the operator repairs it.
+            if (
+                current is not None
+                and current.same_source(source, revision, sha256)
+                and not current.error
+            ):
                 self._set_pinned(current, pinned)
                 return current, False
             inflight = self.loading.get(name)
             joining = inflight is not None and inflight.key == key
             if not joining:
                 if inflight is not None:  # the newest PUT wins, whichever load ends first
-                    inflight.cancelled = f"a PUT from {source} replaced it"
-                inflight = Loading(key=key, source=source, revision=revision)
+                    inflight.cancel(f"a PUT from {redact_source(source)} replaced it")
+                inflight = Loading(
+                    key=key,
+                    source=source,
+                    revision=revision,
+                    guard=Guard(self.fetcher.limits, source),
+                )
                 self.loading[name] = inflight
         assert inflight is not None
         if joining:
@@ -107,13 +125,15 @@ class AdapterManager:
         credentials: dict[str, str] | None,
     ) -> AdapterEntry:
         source, revision = inflight.source, inflight.revision
-        local = self.fetcher.fetch(source, revision, credentials, sha256=sha256)
+        local = self.fetcher.fetch(
+            source, revision, credentials, sha256=sha256, guard=inflight.guard
+        )
         entry = self._read(name, source, revision, sha256, local)
         entry.pinned = pinned
         with self.lock:
             if inflight.cancelled:
                 raise Conflict(
-                    f"adapter {name!r} from {source} was not registered: "
+                    f"adapter {name!r} from {redact_source(source)} was not registered: "
                     f"{inflight.cancelled} while it loaded"
                 )
             if pinned:
@@ -144,7 +164,9 @@ class AdapterManager:
             weights = read_peft_adapter(local)
         except AdapterFormatError as e:
             self.fetcher.forget(local)
-            raise Incompatible(f"adapter {name!r} from {source}: {e}") from e
+            raise InvalidAdapter(
+                f"adapter {name!r} from {redact_source(source)}: {e}", e.field
+            ) from e
         check_compatible(
             name,
             weights,
@@ -152,6 +174,7 @@ class AdapterManager:
             base_modules=self.facts.modules,
             lora_modules=self.facts.lora_modules,
             max_rank=self.max_rank,
+            shapes=self.facts.shapes,
         )
         return AdapterEntry(
             name=name,
@@ -190,7 +213,7 @@ class AdapterManager:
                 raise AdapterNotFound(f"adapter {name!r} is not loaded")
             if inflight is not None:
                 # Else the load would land after the DELETE was answered, and stay.
-                inflight.cancelled = "a DELETE came"
+                inflight.cancel("a DELETE came")
             if entry is not None:
                 self._retire(entry)
         self.on_change()
@@ -266,7 +289,16 @@ class AdapterManager:
                     cleared.append(slot)
         return cleared
 
+    def stop_loading(self) -> None:
+        """Shutdown: cancel the loads in flight, so their threads end and the process can
+        exit, and refuse new ones."""
+        with self.lock:
+            self.closing = True
+            for inflight in self.loading.values():
+                inflight.cancel("the runtime is shutting down")
+
     def close(self) -> None:
+        self.stop_loading()
         self.placement.close()
 
 

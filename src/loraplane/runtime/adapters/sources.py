@@ -5,23 +5,32 @@ Schemes: a plain path or file:///abs, pvc://claim/path (under a mount root), hf:
 holding the files). Remote copies land in the cache dir keyed by source, revision and expected
 sha256, written to a temporary directory first and renamed into place, so a crash never leaves
 half a copy; a copy that fails verification is dropped (Fetcher.forget), so a retry downloads.
+Every remote fetch runs under a Guard (guard.py): bounded bytes and time, cancellable, and
+never to a link-local or metadata address; at most --max-concurrent-fetches run at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
-import tarfile
 import tempfile
-import zipfile
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from loraplane.api.wire import CREDENTIAL_KEYS, RUNTIME_ADAPTER_SCHEMES
-from loraplane.runtime.adapters.errors import InvalidSource, SourceNotFound, SourceUnreachable
+from loraplane.api.wire import CREDENTIAL_KEYS, RUNTIME_ADAPTER_SCHEMES, redact_source
+from loraplane.runtime.adapters.archives import extract
+from loraplane.runtime.adapters.errors import (
+    AdapterError,
+    InvalidSource,
+    SourceNotFound,
+    SourceUnreachable,
+    TooManyFetches,
+)
+from loraplane.runtime.adapters.guard import FetchLimits, Guard, storage_error
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MODEL_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model")
@@ -36,7 +45,12 @@ class Fetcher:
     hf_token: str | None = None
     # Injectable for tests: (protocol, **storage options) -> an fsspec filesystem.
     filesystem: Callable[..., Any] | None = None
-    http_timeout_s: float = 60.0
+    limits: FetchLimits = field(default_factory=FetchLimits)
+    max_concurrent: int = 4  # remote fetches at once; more are refused with 429
+    tls_verify: Any = True  # httpx's verify: True (system CAs) or an ssl.SSLContext
+
+    def __post_init__(self) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_concurrent)
 
     def fetch(
         self,
@@ -45,11 +59,13 @@ class Fetcher:
         credentials: dict[str, str] | None = None,
         model: bool = False,
         sha256: str | None = None,
+        guard: Guard | None = None,
     ) -> Path:
         """A local directory with the files of source; credentials are a secretRef's data.
 
         A remote copy is cached per source, revision and expected sha256: new content behind
-        the same URL, announced by its new sha256, is downloaded again.
+        the same URL, announced by its new sha256, is downloaded again. guard bounds and
+        cancels the fetch (a fresh one with self.limits when not given).
         """
         creds = credentials or {}
         unknown = sorted(set(creds) - set(CREDENTIAL_KEYS))
@@ -60,15 +76,32 @@ class Fetcher:
             return self._local(Path(rest), source)
         if scheme == "pvc":
             return self._pvc(rest, source)
-        if scheme == "hf":
-            return self._hf(rest, revision, creds.get("HF_TOKEN") or self.hf_token, model)
-        if scheme == "s3":
-            options = s3_options(creds)
-            return self._cached(
-                source, revision, sha256, lambda d: self._s3(rest, d, model, options)
+        if scheme == "http" and creds:
+            raise InvalidSource(
+                f"source {redact_source(source)} is plain http://, and credentials would travel "
+                "in clear; use https://"
             )
-        token = creds.get("BEARER_TOKEN")
-        return self._cached(source, revision, sha256, lambda d: self._https(source, d, token))
+        guard = guard or Guard(self.limits, source)
+        if not self._slots.acquire(blocking=False):
+            raise TooManyFetches(
+                f"{self.max_concurrent} adapter fetches are running (--max-concurrent-fetches); "
+                "retry later"
+            )
+        try:
+            if scheme == "hf":
+                token = creds.get("HF_TOKEN") or self.hf_token
+                return self._hf(rest, revision, token, model, guard)
+            if scheme == "s3":
+                options = s3_options(creds)
+                return self._cached(
+                    source, revision, sha256, lambda d: self._s3(rest, d, model, options, guard)
+                )
+            token = creds.get("BEARER_TOKEN")
+            return self._cached(
+                source, revision, sha256, lambda d: self._https(source, d, token, guard)
+            )
+        finally:
+            self._slots.release()
 
     def _local(self, path: Path, source: str) -> Path:
         if not path.is_absolute():
@@ -102,18 +135,23 @@ class Fetcher:
         if final.is_dir():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".partial-"))
+        try:
+            tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".partial-"))
+        except OSError as e:
+            raise storage_error(e, source) or e from e
         try:
             fill(tmp)
             tmp.rename(final)
-        except OSError:
+        except OSError as e:
             if not final.is_dir():  # another fetch of the same source may have won the race
-                raise
+                raise storage_error(e, source) or e from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
 
-    def _hf(self, rest: str, revision: str | None, token: str | None, model: bool) -> Path:
+    def _hf(
+        self, rest: str, revision: str | None, token: str | None, model: bool, guard: Guard
+    ) -> Path:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
             EntryNotFoundError,
@@ -135,16 +173,29 @@ class Fetcher:
                 cache_dir=str(self.cache_dir / "hf"),
                 token=token,
                 allow_patterns=list(MODEL_PATTERNS if model else ADAPTER_FILES),
+                etag_timeout=min(guard.limits.read_timeout_s, 10.0),
             )
         except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: offline
             raise SourceUnreachable(f"hf://{rest} could not be downloaded: {e}") from e
         except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as e:
             raise SourceNotFound(f"hf://{rest}: {e}") from e
-        except (HfHubHTTPError, OSError) as e:
+        except OSError as e:
+            raise storage_error(e, f"hf://{rest}") or SourceUnreachable(
+                f"hf://{rest} could not be downloaded: {e}"
+            ) from e
+        except HfHubHTTPError as e:
             raise SourceUnreachable(f"hf://{rest} could not be downloaded: {e}") from e
+        # huggingface_hub cannot be stopped mid-file; the size is checked once it is done.
+        if not model:
+            for name in ADAPTER_FILES:
+                file = Path(path) / name
+                if file.is_file():
+                    guard.count(file.stat().st_size)
         return Path(path)
 
-    def _s3(self, rest: str, dest: Path, model: bool, options: dict[str, Any]) -> None:
+    def _s3(
+        self, rest: str, dest: Path, model: bool, options: dict[str, Any], guard: Guard
+    ) -> None:
         fs = self._filesystem("s3", options)
         prefix = rest.rstrip("/")
         try:
@@ -154,11 +205,18 @@ class Fetcher:
             else:
                 wanted = list(ADAPTER_FILES)
             for name in wanted:
-                fs.get(f"{prefix}/{name}", str(dest / name))
+                with fs.open(f"{prefix}/{name}", "rb") as src, (dest / name).open("wb") as out:
+                    copy_bounded(src.read, out, guard)
+        except AdapterError:
+            raise
         except FileNotFoundError as e:
             raise SourceNotFound(f"s3://{rest}: {e} not found") from e
         except PermissionError as e:
             raise SourceUnreachable(f"s3://{rest}: access denied ({e}); check the secret") from e
+        except OSError as e:
+            raise storage_error(e, f"s3://{rest}") or SourceUnreachable(
+                f"s3://{rest} could not be read: {e}"
+            ) from e
         except Exception as e:  # botocore's connection errors are not OSErrors
             raise SourceUnreachable(f"s3://{rest} could not be read: {e}") from e
 
@@ -170,22 +228,38 @@ class Fetcher:
         # skip_instance_cache: an instance made with one adapter's keys must not serve another.
         return fsspec.filesystem(protocol, skip_instance_cache=True, **options)
 
-    def _https(self, url: str, dest: Path, token: str | None) -> None:
+    def _https(self, url: str, dest: Path, token: str | None, guard: Guard) -> None:
         import httpx
 
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        path = urlparse(url).path
+        timeout = httpx.Timeout(guard.limits.read_timeout_s, connect=10.0)
+
+        def check(request: httpx.Request) -> None:
+            guard.check_host(str(request.url))  # the first URL and every redirect
+            if token and request.url.scheme != "https":
+                raise InvalidSource(
+                    f"{redact_source(str(request.url))}: a redirect to plain http:// would "
+                    "send the bearer token in clear"
+                )
+
         with httpx.Client(
-            timeout=self.http_timeout_s, follow_redirects=True, headers=headers
+            timeout=timeout,
+            follow_redirects=True,
+            max_redirects=5,
+            verify=self.tls_verify,
+            headers=headers,
+            event_hooks={"request": [check]},
         ) as client:
+            path = urlparse(url).path
             if path.endswith(ARCHIVES):
                 archive = dest / ("archive.zip" if path.endswith(".zip") else "archive.tar")
-                _download(client, url, archive)
-                _extract(archive, dest)
+                _download(client, url, archive, guard)
+                # The archive's own bytes count against the limit too.
+                extract(archive, dest, guard)
                 archive.unlink()
             else:
                 for name in ADAPTER_FILES:
-                    _download(client, f"{url.rstrip('/')}/{name}", dest / name)
+                    _download(client, f"{url.rstrip('/')}/{name}", dest / name, guard)
 
 
 def s3_options(creds: dict[str, str]) -> dict[str, Any]:
@@ -225,42 +299,36 @@ def split_source(source: str) -> tuple[str, str]:
     return scheme, rest
 
 
-def _download(client: Any, url: str, out: Path) -> None:
+def copy_bounded(read: Callable[[int], bytes], out: Any, guard: Guard) -> None:
+    """Copy a stream in 1 MiB reads, counting every byte against guard."""
+    while chunk := read(1 << 20):
+        guard.count(len(chunk))
+        out.write(chunk)
+
+
+def _download(client: Any, url: str, out: Path, guard: Guard) -> None:
     import httpx
 
+    shown = redact_source(url)
     try:
         with client.stream("GET", url) as response:
             if response.status_code == 404:
-                raise SourceNotFound(f"{url} answered 404")
+                raise SourceNotFound(f"{shown} answered 404")
             if response.status_code in (401, 403):
-                raise SourceUnreachable(f"{url} answered {response.status_code}: check the token")
+                raise SourceUnreachable(f"{shown} answered {response.status_code}: check the token")
             response.raise_for_status()
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit():
+                guard.count(int(declared))  # refused before a byte is read
+                guard.used -= int(declared)
             with out.open("wb") as f:
-                for chunk in response.iter_bytes(1 << 20):
+                # Without a chunk size each network read is yielded as it comes: a slow drip
+                # is checked against the deadline at every read, not once per MiB.
+                for chunk in response.iter_bytes():
+                    guard.count(len(chunk))
                     f.write(chunk)
     except httpx.HTTPError as e:
-        raise SourceUnreachable(f"{url} could not be downloaded: {e}") from e
-
-
-def _extract(archive: Path, dest: Path) -> None:
-    """Unpack only the adapter files, wherever they sit, refusing links and path tricks."""
-    found: dict[str, bytes] = {}
-    try:
-        if archive.suffix == ".zip":
-            with zipfile.ZipFile(archive) as z:
-                for info in z.infolist():
-                    name = Path(info.filename).name
-                    if name in ADAPTER_FILES and not info.is_dir():
-                        found[name] = z.read(info)
-        else:
-            with tarfile.open(archive) as t:
-                for member in t.getmembers():
-                    name = Path(member.name).name
-                    if name in ADAPTER_FILES and member.isfile():
-                        f = t.extractfile(member)
-                        assert f is not None
-                        found[name] = f.read()
-    except (tarfile.TarError, zipfile.BadZipFile) as e:
-        raise SourceNotFound(f"{archive.name} is not a readable archive: {e}") from e
-    for name, data in found.items():
-        (dest / name).write_bytes(data)
+        why = str(e).replace(url, shown) or type(e).__name__
+        raise SourceUnreachable(f"{shown} could not be downloaded: {why}") from e
+    except OSError as e:
+        raise storage_error(e, url) or SourceUnreachable(f"{shown}: {e}") from e

@@ -36,16 +36,19 @@ def check_compatible(
     base_modules: set[str],
     lora_modules: set[str],
     max_rank: int,
+    shapes: dict[str, tuple[int, int]] | None = None,
 ) -> None:
     if not base_matches(weights.base_model_name_or_path, base_names):
         raise Incompatible(
             f"adapter {name!r} was trained on {weights.base_model_name_or_path!r}, but this "
-            f"runtime serves {sorted(base_names)}; load it into a deployment of that base"
+            f"runtime serves {sorted(base_names)}; load it into a deployment of that base",
+            "base_model_name_or_path",
         )
     if weights.rank > max_rank:
         raise Incompatible(
             f"adapter {name!r} has rank {weights.rank}, above --max-lora-rank {max_rank}; "
-            "raise maxLoraRank on the deployment or use a smaller adapter"
+            "raise maxLoraRank on the deployment or use a smaller adapter",
+            "r",
         )
     missing = sorted(set(weights.modules) - base_modules)
     if missing:
@@ -58,3 +61,12 @@ def check_compatible(
             f"adapter {name!r} targets {unwrapped}, which this runtime does not serve LoRA on "
             f"(it wraps {sorted({m.rsplit('.', 1)[-1] for m in lora_modules})})"
         )
+    for module, w in sorted(weights.modules.items()):
+        d_in, d_out = (shapes or {}).get(module, (w.a.shape[1], w.b.shape[0]))
+        if w.a.shape[1] != d_in or w.b.shape[0] != d_out:
+            raise Incompatible(
+                f"adapter {name!r}: {module} has lora_A {tuple(w.a.shape)} and lora_B "
+                f"{tuple(w.b.shape)}, but the base layer maps {d_in} to {d_out} features "
+                f"(want [r, {d_in}] and [{d_out}, r]); was it trained on another base?",
+                module,
+            )

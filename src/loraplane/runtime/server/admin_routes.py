@@ -15,6 +15,7 @@ from loraplane.api.wire import (
     AdapterUnloaded,
     RuntimeAdapterState,
     Tier,
+    redact_source,
 )
 from loraplane.runtime.adapters.errors import AdapterNotFound
 from loraplane.runtime.adapters.manager import AdapterEntry, Loading
@@ -93,7 +94,7 @@ def describe_loading(name: str, inflight: Loading) -> AdapterInfo:
     """A load still fetching or validating: no weights yet, so nothing to report but that."""
     return AdapterInfo(
         name=name,
-        source=inflight.source,
+        source=redact_source(inflight.source),
         revision=inflight.revision,
         state=RuntimeAdapterState.LOADING,
         loading_since=_utc(inflight.started_at),
@@ -104,7 +105,7 @@ def describe(entry: AdapterEntry) -> AdapterInfo:
     """An adapter as the operator reads it: this is what it trusts as residency."""
     return AdapterInfo(
         name=entry.name,
-        source=entry.source,
+        source=redact_source(entry.source),
         revision=entry.revision,
         sha256=entry.sha256,
         pinned=entry.pinned,

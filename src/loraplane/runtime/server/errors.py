@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -9,6 +11,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplane.runtime.adapters.errors import AdapterError
 from loraplane.runtime.engine import QueueFull, ShuttingDown
+
+log = logging.getLogger(__name__)
 
 TGI_PATHS = ("/generate", "/generate_stream")
 
@@ -66,7 +70,7 @@ def as_api_error(exc: Exception, request: Request) -> APIError:
             and not request.url.path.startswith("/v1/adapters")
         ):
             return APIError(404, exc.message, "invalid_request_error", "model_not_found", "model")
-        return APIError(exc.status, exc.message, "invalid_request_error", exc.kind)
+        return APIError(exc.status, exc.message, "invalid_request_error", exc.kind, exc.field)
     if isinstance(exc, ValueError):
         status = 422 if is_tgi(request) else 400
         return APIError(status, str(exc), "invalid_request_error", "validation")
@@ -92,7 +96,16 @@ def install(app) -> None:
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(request, APIError(exc.status_code, str(exc.detail), code="http"))
 
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        # A bug still answers in the API's shape (clients parse it); the traceback goes to the log.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(
+            request,
+            APIError(500, "internal error; see the runtime's log", "server_error", "internal"),
+        )
+
     app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(Exception, on_bug)
     app.add_exception_handler(StarletteHTTPException, on_http)
     for exc_type in (APIError, QueueFull, ShuttingDown, AdapterError, ValueError):
         app.add_exception_handler(exc_type, on_error)

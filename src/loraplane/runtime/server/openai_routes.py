@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from loraplane.api.wire import redact_source
 from loraplane.runtime.runtime import Runtime
 from loraplane.runtime.server.errors import APIError
 from loraplane.runtime.server.generation import (
@@ -240,7 +241,7 @@ async def models(request: Request):
             "object": "model",
             "created": created,
             "owned_by": "loraplane",
-            "root": runtime.config.model,
+            "root": redact_source(runtime.config.model),
             "parent": None,
         }
     ]
@@ -251,7 +252,7 @@ async def models(request: Request):
                 "object": "model",
                 "created": int(entry.loaded_at),
                 "owned_by": "loraplane",
-                "root": entry.source,
+                "root": redact_source(entry.source),
                 "parent": runtime.base_name,
             }
         )
