@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("LORAPLANE_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One line per pod call would drown the log; failures are logged by the fleet.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = OperatorConfig.from_env(os.environ)
     except ValueError as e:

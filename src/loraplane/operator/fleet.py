@@ -289,9 +289,9 @@ class Fleet:
                 continue
             ok, why = adaptersync.gate_may_open(view, wanted, required)
             if ok:
-                if await self._set_gate(
-                    pod, True, "AdaptersLoaded", f"holds all {len(required)} serving adapters", now
-                ):
+                held = sum(1 for d in wanted if d.held_by(view.actual.get(d.served_name)))
+                message = f"holds {held} of {len(wanted)} adapters, every one the fleet serves"
+                if await self._set_gate(pod, True, "AdaptersLoaded", message, now):
                     self._mem(pod).gate_opened = True
             elif pod.gate is None:
                 await self._set_gate(pod, False, "LoadingAdapters", why, now)
