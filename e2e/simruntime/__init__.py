@@ -1,0 +1,1 @@
+"""A light simulated runtime: one process answers the runtime's HTTP contract for many kwok pods."""
