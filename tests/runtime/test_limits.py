@@ -193,13 +193,13 @@ def test_a_failed_engine_step_fails_its_requests_and_the_server_goes_on(server, 
     real_run = runner.run
     calls = []
 
-    def broken_once(seqs, slots):
+    def broken_twice(seqs, slots):
         calls.append(len(seqs))
-        if len(calls) == 1:
+        if len(calls) <= 2:  # the step, then the sequence on its own: it is the culprit
             raise RuntimeError("simulated device error")
         return real_run(seqs, slots)
 
-    monkeypatch.setattr(runner, "run", broken_once)
+    monkeypatch.setattr(runner, "run", broken_twice)
     body = {"model": "poet", "prompt": "hello", "max_tokens": 3, "temperature": 0}
     r = httpx.post(f"{server.url}/v1/completions", json=body)
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
@@ -269,23 +269,22 @@ def test_prompt_lists_and_usage_in_streams(server):
     assert first["choices"][0]["delta"]["role"] == "assistant"
 
 
-def test_a_refused_prompt_in_a_list_aborts_the_prompts_queued_before_it(server, monkeypatch):
-    real_run = server.runtime.runner.run
-
-    def slow(seqs, slots):
-        time.sleep(0.02)
-        return real_run(seqs, slots)
-
-    monkeypatch.setattr(server.runtime.runner, "run", slow)
+def test_a_refused_prompt_in_a_list_queues_none_of_them(server):
     before = samples(server)
     body = {"model": "poet", "max_tokens": 40, "ignore_eos": True}
     r = httpx.post(f"{server.url}/v1/completions", json=body | {"prompt": ["hello", "hi " * 300]})
     assert r.status_code == 400 and "limit" in r.json()["error"]["message"]
-    key = ("loraplane_requests_total", (("adapter", "poet"), ("status", "abort")))
-    started = time.monotonic()
-    while time.monotonic() - started < 10 and samples(server).get(key, 0) == before.get(key, 0):
-        time.sleep(0.05)
-    assert samples(server).get(key, 0) - before.get(key, 0) == 1
+    # More prompts than --max-queue (2): one 429 for the request, every prompt counted as
+    # rejected, none as aborted, nothing left running.
+    r = httpx.post(f"{server.url}/v1/completions", json=body | {"prompt": ["a", "b", "c"]})
+    assert r.status_code == 429 and r.headers["retry-after"], r.text
+    after = samples(server)
+
+    def delta(status: str) -> float:
+        key = ("loraplane_requests_total", (("adapter", "poet"), ("status", status)))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert (delta("abort"), delta("rejected")) == (0, 3)
     assert server.runtime.engine.idle()
 
 

@@ -198,7 +198,7 @@ def serve(config: RuntimeConfig) -> None:
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
             # Readiness fails at once, so load balancers stop sending before we close.
-            runtime.begin_shutdown()
+            runtime.begin_shutdown(config.shutdown_timeout_s)
             super().handle_exit(sig, frame)
 
     server = Server(

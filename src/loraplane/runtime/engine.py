@@ -20,7 +20,16 @@ from loraplane.runtime.config import RuntimeConfig
 from loraplane.runtime.detokenizer import Detokenizer
 from loraplane.runtime.metrics import Metrics
 from loraplane.runtime.model_runner import ModelRunner
-from loraplane.runtime.outputs import Output, QueueFull, RequestStream, ShuttingDown
+from loraplane.runtime.outputs import (
+    ADAPTER_FAILED,
+    GENERATION_FAILED,
+    SHUT_DOWN,
+    Output,
+    QueueFull,
+    RequestStream,
+    ShuttingDown,
+)
+from loraplane.runtime.sampler import FAILED
 from loraplane.runtime.sampling import SamplingParams
 from loraplane.runtime.scheduler import Scheduler, Step
 from loraplane.runtime.sequence import Sequence, Status
@@ -62,6 +71,7 @@ class Engine:
         self.queued = 0
         self.in_flight = 0
         self.draining = False
+        self.drain_deadline: float | None = None
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.steps = 0
@@ -77,34 +87,48 @@ class Engine:
         self, prompt_ids: list[int], params: SamplingParams, adapter: str | None
     ) -> RequestStream:
         """Queue a request; raises ValueError (400), AdapterNotFound (404), QueueFull, ShuttingDown."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
-            raise ValueError(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) is "
-                f"{len(prompt_ids) + params.max_tokens}, above this server's limit of "
-                f"{self.max_seq_len} tokens per sequence; shorten the prompt or max_tokens"
-            )
+        return self.submit_many([prompt_ids], params, adapter)[0]
+
+    def submit_many(
+        self, prompts: list[list[int]], params: SamplingParams, adapter: str | None
+    ) -> list[RequestStream]:
+        """Queue the prompts of one request all together, or none of them (then it raises)."""
+        for prompt_ids in prompts:
+            self.check_fits(len(prompt_ids), params.max_tokens)
         with self.lock:
             if self.draining:
                 raise ShuttingDown("the server is shutting down")
-            if self.queued >= self.config.max_queue:
+            if self.queued + len(prompts) > self.config.max_queue:
                 self.metrics.requests.labels(
                     adapter=adapter or self.base_name, status="rejected"
-                ).inc()
+                ).inc(len(prompts))
                 raise QueueFull(
-                    f"{self.queued} requests are waiting (--max-queue {self.config.max_queue}); "
-                    "retry later"
+                    f"{self.queued} requests are waiting (--max-queue {self.config.max_queue}) "
+                    f"and this one brings {len(prompts)}; retry later"
                 )
-            entry = self.adapters.acquire(adapter) if adapter else None
-            self.queued += 1
-            self.in_flight += 1
-        seq = Sequence(list(prompt_ids), params, entry, arrival=time.monotonic())
-        stream = RequestStream(seq, asyncio.get_running_loop(), self.abort)
-        self.streams[seq.seq_id] = stream
+            entries = [self.adapters.acquire(adapter) if adapter else None for _ in prompts]
+            self.queued += len(prompts)
+            self.in_flight += len(prompts)
+        streams = []
+        for prompt_ids, entry in zip(prompts, entries, strict=True):
+            seq = Sequence(list(prompt_ids), params, entry, arrival=time.monotonic())
+            stream = RequestStream(seq, asyncio.get_running_loop(), self.abort)
+            self.streams[seq.seq_id] = stream
+            streams.append(stream)
+            self._post("add", seq)
         self._gauges()
-        self._post("add", seq)
-        return stream
+        return streams
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """ValueError (400) unless a prompt this long can run with this max_tokens."""
+        if prompt_tokens == 0:
+            raise ValueError("the prompt is empty")
+        if prompt_tokens + max_tokens > self.max_seq_len:
+            raise ValueError(
+                f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
+                f"{prompt_tokens + max_tokens}, above this server's limit of "
+                f"{self.max_seq_len} tokens per sequence; shorten the prompt or max_tokens"
+            )
 
     def abort(self, seq: Sequence) -> None:
         self._post("abort", seq)
@@ -118,9 +142,17 @@ class Engine:
         with self.wake:
             self.wake.notify()
 
-    def begin_drain(self) -> None:
+    def begin_drain(self, deadline_s: float | None = None) -> None:
+        """Take no new requests; at deadline_s from now, end the running ones with an error.
+
+        The deadline falls before the HTTP server's own: a stream then ends with an event
+        that says why, instead of a connection cut mid-stream.
+        """
         with self.lock:
             self.draining = True
+            if deadline_s is not None and self.drain_deadline is None:
+                self.drain_deadline = time.monotonic() + deadline_s
+        self.notify()
 
     def idle(self) -> bool:
         with self.lock:
@@ -153,10 +185,12 @@ class Engine:
             except Exception:
                 log.exception("engine step failed; failing the requests of this step")
                 self._fail_running("internal error in the engine step")
-        for seq in list(self.scheduler.running) + [
-            s for q in self.scheduler.waiting.values() for s in q
-        ]:
+        for seq in self._all_seqs():
             self._finish(seq, "abort")
+
+    def _all_seqs(self) -> list[Sequence]:
+        waiting = [s for q in self.scheduler.waiting.values() for s in q]
+        return list(self.scheduler.running) + waiting
 
     def _iterate(self, inbox: list[tuple[str, Sequence]]) -> None:
         for verb, seq in inbox:
@@ -164,6 +198,14 @@ class Engine:
                 self.scheduler.add(seq)
             elif not seq.finished:
                 self._finish(seq, "abort")
+        if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
+            for seq in self._all_seqs():
+                self._finish(
+                    seq,
+                    "abort",
+                    error="the server shut down before this request finished; retry it",
+                    error_code=SHUT_DOWN,
+                )
         for slot, entry in self.adapters.take_pending():
             self._load(slot, entry)
         for slot in self.adapters.reap():
@@ -173,7 +215,12 @@ class Engine:
             return
         step = self.scheduler.schedule()
         for seq in step.failed:
-            self._finish(seq, "error", error=f"adapter {seq.adapter_key!r}: {seq.adapter.error}")
+            self._finish(
+                seq,
+                "error",
+                error=f"adapter {seq.adapter_key!r}: {seq.adapter.error}",
+                error_code=ADAPTER_FAILED,
+            )
         if not step.seqs:
             with self.wake:  # every waiting adapter is being read back: wait for it
                 self.wake.wait(timeout=0.05)
@@ -213,7 +260,10 @@ class Engine:
             for seq in step.seqs:
                 if seq.adapter is not None and seq.adapter.uid in broken:
                     self._finish(
-                        seq, "error", error=f"adapter {seq.adapter_key!r}: {seq.adapter.error}"
+                        seq,
+                        "error",
+                        error=f"adapter {seq.adapter_key!r}: {seq.adapter.error}",
+                        error_code=ADAPTER_FAILED,
                     )
             step.seqs, step.slots = [q for q, _ in kept], [s for _, s in kept]
             if not step.seqs:
@@ -225,13 +275,43 @@ class Engine:
         with self.lock:
             self.queued -= len(started)
         self.metrics.batch_tokens.observe(sum(len(s) - s.num_cached for s in step.seqs))
-        tokens, logprobs = self.runner.run(step.seqs, step.slots)
+        try:
+            tokens, logprobs = self.runner.run(step.seqs, step.slots)
+        except Exception:
+            log.exception("a step of %d sequences failed; running them one by one", len(step.seqs))
+            tokens, logprobs = self._run_alone(step)
         self.peak_adapters_per_step = max(self.peak_adapters_per_step, len(set(step.slots)))
         self.steps += 1
         now = time.monotonic()
         for seq, token, logprob in zip(step.seqs, tokens, logprobs, strict=True):
-            self._advance(seq, token, logprob, now)
+            if seq.finished:
+                continue
+            if token == FAILED:
+                self._finish(seq, "error", error=self._why_failed(seq))
+                continue
+            try:
+                self._advance(seq, token, logprob, now)
+            except Exception:
+                log.exception("sequence %d failed after its step", seq.seq_id)
+                self._finish(seq, "error", error="internal error on this request")
         self._gauges()
+
+    def _run_alone(self, step: Step) -> tuple[list[int], list[float]]:
+        """Each sequence of a failed step in its own forward: only the culprit fails."""
+        tokens, logprobs = [], []
+        for seq, slot in zip(step.seqs, step.slots, strict=True):
+            try:
+                (token,), (logprob,) = self.runner.run([seq], [slot])
+            except Exception:
+                log.exception("sequence %d failed on its own", seq.seq_id)
+                token, logprob = FAILED, 0.0
+            tokens.append(token)
+            logprobs.append(logprob)
+        return tokens, logprobs
+
+    def _why_failed(self, seq: Sequence) -> str:
+        who = f"adapter {seq.adapter_key!r}" if seq.adapter is not None else "the base model"
+        return f"{who} produced no valid next token for this request (non-finite logits)"
 
     def _advance(self, seq: Sequence, token: int, logprob: float, now: float) -> None:
         label = self._label(seq)
@@ -262,7 +342,12 @@ class Engine:
             self._finish(seq, reason, eos=is_eos)
 
     def _finish(
-        self, seq: Sequence, reason: str, error: str | None = None, eos: bool = False
+        self,
+        seq: Sequence,
+        reason: str,
+        error: str | None = None,
+        eos: bool = False,
+        error_code: str = GENERATION_FAILED,
     ) -> None:
         if seq.finished:
             return
@@ -292,6 +377,7 @@ class Engine:
                     prompt_tokens=len(seq.prompt_ids),
                     completion_tokens=len(seq.output_ids),
                     error=error,
+                    error_code=error_code if error else None,
                 )
             )
         self._gauges()

@@ -33,7 +33,9 @@ class ModelRunner:
             device=self.device,
         )
         slots = config.kv_cache_blocks * config.block_size
-        shape = (mc.num_layers, slots, mc.num_kv_heads, mc.head_dim)
+        # One slot past the blocks is never written: padded positions read its zeros.
+        self.pad_slot = slots
+        shape = (mc.num_layers, slots + 1, mc.num_kv_heads, mc.head_dim)
         dtype = DTYPES[config.dtype]
         self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -83,6 +85,7 @@ class ModelRunner:
             self.config.block_size,
             self.model.config.sliding_window,
             self.device,
+            pad_slot=self.pad_slot,
         )
         self.lora.set_batch(torch.tensor(token_slots, dtype=torch.long))
         try:

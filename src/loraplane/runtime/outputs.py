@@ -9,6 +9,11 @@ from dataclasses import dataclass
 
 from loraplane.runtime.sequence import Sequence
 
+# Why a request ended in an error: the HTTP layer turns each into its status.
+GENERATION_FAILED = "generation_failed"  # 500: this request's forward or sampling failed
+ADAPTER_FAILED = "adapter_failed"  # 503: its adapter could not be put in a slot; PUT it again
+SHUT_DOWN = "shutting_down"  # 503: the shutdown deadline came first
+
 
 class QueueFull(Exception):
     """The waiting queue is at --max-queue; the client should retry later (429)."""
@@ -30,6 +35,7 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_code: str | None = None  # GENERATION_FAILED, ADAPTER_FAILED or SHUT_DOWN
 
 
 class RequestStream:

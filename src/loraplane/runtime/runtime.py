@@ -106,9 +106,10 @@ class Runtime:
             log.info("adapter %s loaded from %s (rank %d)", name, redact_source(source), entry.rank)
         return entry, created
 
-    def begin_shutdown(self) -> None:
-        """SIGTERM: readiness fails at once and loads in flight stop (nobody will use them)."""
-        self.engine.begin_drain()
+    def begin_shutdown(self, grace_s: float) -> None:
+        """SIGTERM: readiness fails at once, loads in flight stop (nobody will use them), and
+        requests still running shortly before grace_s ends are ended with an error event."""
+        self.engine.begin_drain(max(0.0, grace_s - min(2.0, grace_s / 10)))
         self.adapters.stop_loading()
 
     def stop(self) -> None:

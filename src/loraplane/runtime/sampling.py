@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -32,4 +34,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Below MIN_TEMPERATURE sampling is greedy in all but name, and 1/T overflows fp32.
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1

@@ -160,4 +160,7 @@ def lora_expand_ref(
     h = torch.where(live, h.to(compute), 0.0)  # never let unwritten columns leak
     delta = torch.bmm(b[index].to(compute), h[:, :, None])[:, :, 0]  # [tokens, d_out]
     delta = delta * scales[index].to(compute)[:, None]
+    # Tokens without a slot read slot 0's B above (times zeros): mask, so a non-finite value
+    # there can never reach a base-only token (0 * inf is NaN).
+    delta = torch.where((token_slots >= 0)[:, None], delta, 0.0)
     return (y.to(compute) + delta).to(y.dtype)

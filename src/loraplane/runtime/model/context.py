@@ -38,8 +38,15 @@ class AttentionContext:
         block_size: int,
         sliding_window: int | None = None,
         device: torch.device | str = "cpu",
+        pad_slot: int = 0,
     ) -> AttentionContext:
-        """Metadata for sequences whose last query_lens[i] of context_lens[i] tokens are new."""
+        """Metadata for sequences whose last query_lens[i] of context_lens[i] tokens are new.
+
+        pad_slot: the KV-cache index padded context positions read. Masking alone is not
+        enough: a masked score still multiplies its V, and 0 * NaN is NaN, so a NaN left in a
+        reused block by another request would reach this one. The runner passes a slot that
+        is never written (always zero).
+        """
         assert len(query_lens) == len(context_lens) == len(block_tables)
         assert all(0 < q <= c for q, c in zip(query_lens, context_lens, strict=True))
         for table, c in zip(block_tables, context_lens, strict=True):
@@ -66,6 +73,7 @@ class AttentionContext:
                         block_size,
                         sliding_window,
                         device,
+                        pad_slot,
                     )
                 )
         return cls(
@@ -85,6 +93,7 @@ def _group(
     block_size: int,
     sliding_window: int | None,
     device: torch.device | str,
+    pad_slot: int,
 ) -> AttentionGroup:
     ql = torch.tensor([query_lens[i] for i in members])
     cl = torch.tensor([context_lens[i] for i in members])
@@ -101,7 +110,7 @@ def _group(
         table[row, : len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.long)
     block_of_c = (c // block_size).clamp(max=width - 1)
     kv_valid = c[None, :] < cl[:, None]
-    kv_index = torch.where(kv_valid, table[:, block_of_c] * block_size + c % block_size, 0)
+    kv_index = torch.where(kv_valid, table[:, block_of_c] * block_size + c % block_size, pad_slot)
     mask = kv_valid[:, None, :] & (c[None, None, :] <= q_pos[:, :, None])
     if sliding_window is not None:
         mask &= q_pos[:, :, None] - c[None, None, :] < sliding_window

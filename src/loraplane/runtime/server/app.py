@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplane.runtime.runtime import Runtime
 from loraplane.runtime.server import admin_routes, errors, openai_routes, tgi_routes
@@ -27,6 +29,45 @@ async def drain(runtime: Runtime, deadline_s: float) -> None:
         log.warning("shutdown deadline passed with requests still running; aborting them")
 
 
+class BodyLimit:
+    """413 for a request body over --max-request-bytes, counted as it arrives.
+
+    A declared Content-Length over the limit is refused before a byte is read; a chunked body
+    is cut off as soon as it passes the limit, so memory never holds more than that.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            if declared.isdigit() and int(declared) > self.limit:
+                raise self._too_large(int(declared))
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise self._too_large(seen)
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _too_large(self, size: int) -> StarletteHTTPException:
+        # FastAPI passes an HTTPException raised while reading the body through as it is.
+        return StarletteHTTPException(
+            413,
+            f"the request body is {size}+ bytes, above --max-request-bytes {self.limit}",
+        )
+
+
 def create_app(runtime: Runtime) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -41,6 +82,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     app = FastAPI(title="loraplane runtime", lifespan=lifespan)
     app.state.runtime = runtime
+    app.add_middleware(BodyLimit, limit=runtime.config.max_request_bytes)
     errors.install(app)
     app.include_router(openai_routes.router)
     app.include_router(tgi_routes.router)

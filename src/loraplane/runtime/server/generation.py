@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from loraplane.runtime.engine import Output, RequestStream
+from loraplane.runtime.outputs import GENERATION_FAILED
 from loraplane.runtime.runtime import Runtime
 from loraplane.runtime.sampling import SamplingParams
 from loraplane.runtime.server.errors import APIError
@@ -30,16 +31,52 @@ def resolve_adapter(runtime: Runtime, model: str | None) -> str | None:
     return model
 
 
-def tokenize(runtime: Runtime, prompt: str | list[int]) -> list[int]:
+# A prompt this many characters per token of room is tokenized by a prefix first: a prompt
+# that cannot fit is refused without tokenizing megabytes (a shortcut, not the rule).
+PREFIX_CHARS_PER_TOKEN = 16
+
+
+async def tokenize(
+    runtime: Runtime, prompt: str | list[int], param: str = "prompt", special: bool = True
+) -> list[int]:
+    """A prompt's token ids, encoded as PEFT, vLLM and TGI do (BOS where the tokenizer adds
+    one; special=False for text a chat template has already framed). Off the event loop, so
+    a long prompt never stalls /healthz or other requests."""
     if isinstance(prompt, list):
         vocab = runtime.runner.model.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise APIError(
-                400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="prompt"
+                400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param=param
             )
         return list(prompt)
-    return runtime.tokenizer.encode(prompt, add_special_tokens=False)
+    check_text(prompt, param)
+    limit = runtime.engine.max_seq_len
+    encode = runtime.tokenizer.encode
+    head = PREFIX_CHARS_PER_TOKEN * limit
+    if len(prompt) > head:
+        prefix = await asyncio.to_thread(encode, prompt[:head], add_special_tokens=special)
+        if len(prefix) > limit + 1:  # +1: the cut may split one token into two
+            raise APIError(
+                400,
+                f"{param} is longer than this server's limit of {limit} tokens per sequence; "
+                "shorten it",
+                param=param,
+            )
+    return await asyncio.to_thread(encode, prompt, add_special_tokens=special)
+
+
+def check_text(text: str, param: str) -> None:
+    """400 for text no tokenizer can take: a lone surrogate (JSON allows "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(
+            400,
+            f"{param} holds {text[e.start]!r} at character {e.start}, a lone UTF-16 surrogate "
+            "that is not valid Unicode; send the pair or the character itself",
+            param=param,
+        ) from e
 
 
 @dataclass
@@ -78,7 +115,9 @@ async def _abort_on_disconnect(request: Request, stream: RequestStream) -> None:
 
 def absorb(result: Result, out: Output) -> None:
     if out.error:
-        raise APIError(500, out.error, "server_error", "generation_failed")
+        code = out.error_code or GENERATION_FAILED
+        status = 500 if code == GENERATION_FAILED else 503
+        raise APIError(status, out.error, "server_error", code)
     result.text += out.text
     if out.token_id is not None:
         result.tokens.append((out.token_id, out.text, out.logprob))
@@ -92,3 +131,9 @@ def absorb(result: Result, out: Output) -> None:
 
 def submit(runtime: Runtime, ids: list[int], params: SamplingParams, adapter: str | None):
     return runtime.engine.submit(ids, params, adapter)
+
+
+def submit_many(
+    runtime: Runtime, prompts: list[list[int]], params: SamplingParams, adapter: str | None
+):
+    return runtime.engine.submit_many(prompts, params, adapter)

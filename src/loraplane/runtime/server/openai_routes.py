@@ -18,9 +18,11 @@ from loraplane.runtime.server.errors import APIError
 from loraplane.runtime.server.generation import (
     Result,
     absorb,
+    check_text,
     collect,
     resolve_adapter,
     submit,
+    submit_many,
     tokenize,
 )
 from loraplane.runtime.server.openai_schemas import ChatRequest, CompletionRequest
@@ -65,7 +67,7 @@ async def completions(body: CompletionRequest, request: Request):
     if not prompts:
         raise APIError(400, "prompt is empty", param="prompt")
     params = body.params(16)  # OpenAI's documented default for completions
-    ids = [tokenize(runtime, p) for p in prompts]
+    ids = [await tokenize(runtime, p) for p in prompts]
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         if len(ids) != 1:
@@ -85,12 +87,10 @@ async def completions(body: CompletionRequest, request: Request):
         return _stream_response(
             stream, chunk, include_usage, rid, created, body.model, "text_completion"
         )
-    streams = []
+    # All prompts are queued together or none is (429, too long): one refusal never leaves
+    # the others running for nobody, or counted as aborted.
+    streams = submit_many(runtime, ids, params, adapter)
     try:
-        # One refused prompt (429, too long) refuses the request: the prompts already
-        # queued must not run on for nobody.
-        for i in ids:
-            streams.append(submit(runtime, i, params, adapter))
         results = await asyncio.gather(*(collect(s, request) for s in streams))
     finally:
         for s in streams:
@@ -114,7 +114,7 @@ async def completions(body: CompletionRequest, request: Request):
     }
 
 
-def _chat_prompt(runtime: Runtime, body: ChatRequest) -> list[int]:
+async def _chat_prompt(runtime: Runtime, body: ChatRequest) -> list[int]:
     if body.tools or body.functions:
         raise APIError(400, "tools are not supported", param="tools")
     # Ignoring it would hand back free text to a client that asked for JSON.
@@ -138,12 +138,18 @@ def _chat_prompt(runtime: Runtime, body: ChatRequest) -> list[int]:
                     )
                 parts.append(str(part.get("text", "")))
             content = "".join(parts)
+        check_text(content or "", "messages")
         messages.append({"role": m.role, "content": content or ""})
     tok = runtime.tokenizer
     if not getattr(tok, "chat_template", None):
         raise APIError(400, "the base model has no chat template; use /v1/completions")
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tok.encode(text, add_special_tokens=False)
+    text = str(
+        await asyncio.to_thread(
+            tok.apply_chat_template, messages, add_generation_prompt=True, tokenize=False
+        )
+    )
+    # The template writes BOS itself where the model wants it.
+    return await tokenize(runtime, text, "messages", special=False)
 
 
 @router.post("/v1/chat/completions")
@@ -152,7 +158,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     adapter = resolve_adapter(runtime, body.model)
     if body.logprobs:
         raise APIError(400, "logprobs are not supported", param="logprobs")
-    ids = _chat_prompt(runtime, body)
+    ids = await _chat_prompt(runtime, body)
     if body.max_completion_tokens and not body.max_tokens:
         body.max_tokens = body.max_completion_tokens
     room = runtime.engine.max_seq_len - len(ids)
@@ -207,7 +213,8 @@ def _stream_response(stream, chunk, include_usage, rid, created, model, obj) -> 
                 try:
                     absorb(result, out)
                 except APIError as e:
-                    yield _sse({"error": {"message": e.message, "type": e.kind}})
+                    yield _sse({"error": {"message": e.message, "type": e.kind, "code": e.code}})
+                    yield "data: [DONE]\n\n"
                     return
                 if out.finished:
                     yield _sse(chunk("", _finish(out.finish_reason)))

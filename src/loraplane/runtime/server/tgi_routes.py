@@ -13,7 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from loraplane.runtime.runtime import Runtime
 from loraplane.runtime.sampling import SamplingParams
 from loraplane.runtime.server.errors import APIError
-from loraplane.runtime.server.generation import Result, absorb, collect, resolve_adapter, submit
+from loraplane.runtime.server.generation import (
+    Result,
+    absorb,
+    collect,
+    resolve_adapter,
+    submit,
+    tokenize,
+)
 
 router = APIRouter()
 
@@ -115,16 +122,16 @@ def _token(t: tuple[int, str, float], runtime: Runtime) -> dict:
     return {"id": token_id, "text": text, "logprob": logprob, "special": special}
 
 
-def _start(request: Request, body: GenerateRequest):
+async def _start(request: Request, body: GenerateRequest):
     runtime: Runtime = request.app.state.runtime
     adapter = resolve_adapter(runtime, body.parameters.adapter_id)
     params = _params(body.parameters)
-    ids = runtime.tokenizer.encode(body.inputs, add_special_tokens=False)
+    ids = await tokenize(runtime, body.inputs, "inputs")
     return runtime, submit(runtime, ids, params, adapter)
 
 
 async def _generate(request: Request, body: GenerateRequest) -> dict:
-    runtime, stream = _start(request, body)
+    runtime, stream = await _start(request, body)
     r = await collect(stream, request)
     text = (body.inputs + r.text) if body.parameters.return_full_text else r.text
     out: dict[str, Any] = {"generated_text": text}
@@ -133,8 +140,8 @@ async def _generate(request: Request, body: GenerateRequest) -> dict:
     return out
 
 
-def _generate_stream(request: Request, body: GenerateRequest) -> StreamingResponse:
-    runtime, stream = _start(request, body)
+async def _generate_stream(request: Request, body: GenerateRequest) -> StreamingResponse:
+    runtime, stream = await _start(request, body)
 
     async def events() -> AsyncIterator[str]:
         # TGI puts the last token and the whole text in one final event, so each token event
@@ -146,7 +153,8 @@ def _generate_stream(request: Request, body: GenerateRequest) -> StreamingRespon
                 try:
                     absorb(result, out)
                 except APIError as e:
-                    yield f"data:{json.dumps({'error': e.message, 'error_type': 'generation'})}\n\n"
+                    event = {"error": e.message, "error_type": e.code or "generation"}
+                    yield f"data:{json.dumps(event)}\n\n"
                     return
                 if out.token_id is not None:
                     if pending is not None:
@@ -186,11 +194,11 @@ async def generate(body: GenerateRequest, request: Request):
 
 @router.post("/generate_stream")
 async def generate_stream(body: GenerateRequest, request: Request):
-    return _generate_stream(request, body)
+    return await _generate_stream(request, body)
 
 
 @router.post("/")
 async def compat(body: GenerateRequest, request: Request):
     if body.stream:
-        return _generate_stream(request, body)
+        return await _generate_stream(request, body)
     return JSONResponse([await _generate(request, body)])
