@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import procs
-from .paths import HERE, REPO, Bins, state_dir
+from . import chart, podnet, procs
+from .paths import REPO, Bins, state_dir
 from .pki import ensure_pki
 
 # Preferred ports, away from the usual 2379/6443/10250 so a real cluster or another tool on
@@ -120,11 +120,13 @@ class ControlPlane:
         alive = self.running()
         needed = [c for c in COMPONENTS if wanted.get(c, True)]
         if all(alive[c] for c in needed) and self.ready():
+            chart.apply_operator_rbac(self)  # the chart may have changed since
             return  # idempotent: already up
         if any(alive.values()):
             self.down(wipe=False)  # half up (a crash): restart everything cleanly
         self.state.mkdir(parents=True, exist_ok=True)
         self._choose_ports()
+        net = podnet.setup(self.state, key=f"{self.state}|{self.server}")
         ensure_pki(self.pki)
         self._write_kubeconfigs()
         deadline = time.monotonic() + timeout
@@ -132,11 +134,11 @@ class ControlPlane:
             self._start_etcd(deadline)
             self._start_apiserver(deadline)
             self._start_controllers()
-            self._apply(HERE / "operator-rbac.yaml")
+            chart.apply_operator_rbac(self)
             if kwok:
                 self._start_kwok()
             if agent_nodes:
-                self._start_agent(agent_nodes, gpus)
+                self._start_agent(agent_nodes, gpus, net)
             self._wait_settled(deadline, agent_nodes)
         except BaseException:
             self.down(wipe=False)
@@ -244,6 +246,9 @@ class ControlPlane:
                 f"--service-account-private-key-file={k / 'sa.key'}",
                 f"--root-ca-file={k / 'ca.crt'}",
                 "--controllers=*",
+                # The default 20 QPS caps kwok scale tests at ~20 pods/s.
+                "--kube-api-qps=100",
+                "--kube-api-burst=200",
                 "--v=1",
             ],
         )
@@ -258,6 +263,8 @@ class ControlPlane:
                 "--bind-address=127.0.0.1",
                 f"--secure-port={p.scheduler}",
                 "--leader-elect=false",
+                "--kube-api-qps=100",
+                "--kube-api-burst=200",
                 "--v=1",
             ],
         )
@@ -279,7 +286,7 @@ class ControlPlane:
             ],
         )
 
-    def _start_agent(self, nodes: int, gpus: int) -> None:
+    def _start_agent(self, nodes: int, gpus: int, net: podnet.PodNetwork) -> None:
         python = _python()
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self._spawn(
@@ -294,6 +301,7 @@ class ControlPlane:
                 f"--state-dir={self.state / 'agent'}",
                 f"--serving-cert={self.pki / 'nodeagent.crt'}",
                 f"--serving-key={self.pki / 'nodeagent.key'}",
+                f"--pod-cidr={net.cidr}",
             ],
             env=env,
         )
@@ -355,11 +363,6 @@ class ControlPlane:
             raise ClusterError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc
 
-    def _apply(self, manifest: Path) -> None:
-        self.kubectl(
-            "apply", "--server-side", "--field-manager=loraplane-cluster", "-f", str(manifest)
-        )
-
     # -- down ---------------------------------------------------------------------------
     def down(self, wipe: bool = True) -> list[str]:
         """Stop every component (the agent stops its pods first); wipe etcd data by default so
@@ -368,6 +371,7 @@ class ControlPlane:
         # Pods of an agent that died without cleaning up (SIGKILL, OOM) are still ours.
         for pidfile in sorted((self.state / "agent" / "pids").glob("*.pid")):
             procs.stop(pidfile, grace=2)
+        podnet.teardown(self.state)  # no pod is left on it
         if wipe:
             _rmtree(self.state / "etcd-data")
         return stopped
@@ -379,7 +383,19 @@ class ControlPlane:
             out["ports"] = asdict(self.ports)
             out["ready"] = self.ready()
             out["kubeconfig"] = str(self.kubeconfig())
+        net = podnet.load(self.state)
+        if net is not None:
+            out["pod_network"] = {
+                "cidr": net.cidr,
+                "routed": net.routed,
+                "services_work": net.routed,
+                **({"why_not_routed": net.reason} if net.reason else {}),
+            }
         return out
+
+    def pod_network(self) -> podnet.PodNetwork | None:
+        """Where pod addresses come from; None for a cluster started before pod networks."""
+        return podnet.load(self.state)
 
 
 def write_kubeconfig(path: Path, server: str, ca: bytes, user: str, creds: dict[str, str]) -> None:

@@ -6,13 +6,22 @@ A conftest.py imports them: `from e2e.cluster.fixtures import *  # noqa: F403`.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from .paths import REPO
+from . import chart
+from .paths import REPO, Bins
 from .testing import Kube, delete_namespace, namespace_prefix, new_namespace, session_cluster
 
-__all__ = ["crds", "kube", "namespace", "pytest_runtest_makereport"]
+__all__ = [
+    "crds",
+    "helm_bin",
+    "kube",
+    "namespace",
+    "operator_role",
+    "pytest_runtest_makereport",
+]
 
 CRDS = REPO / "crds"
 _reports = pytest.StashKey[dict]()
@@ -55,6 +64,25 @@ def crds(kube: Kube) -> list[str]:
         "wait", "--for=condition=Established", "--timeout=60s", *[f"crd/{n}" for n in names]
     )
     return names
+
+
+@pytest.fixture(scope="session")
+def helm_bin() -> Path:
+    """The built helm; rendering the chart needs no cluster."""
+    path = Bins.default().helm
+    if not path.exists():
+        pytest.fail(f"helm is not built ({path} missing): run `make cluster-bins` in {REPO}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def operator_role(kube: Kube) -> str:
+    """The chart's ClusterRole, bound to the local user loraplane-operator: applied again so a
+    cluster started before the chart changed has the current rules. Returns its name."""
+    if kube.local is None:
+        pytest.skip("the operator user and its ClusterRole exist in the local control plane")
+    chart.apply_operator_rbac(kube.local)
+    return chart.OPERATOR_ROLE
 
 
 @pytest.fixture

@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         "--serving-cert", type=Path, help="TLS certificate of the kubelet API (`kubectl logs`)"
     )
     ap.add_argument("--serving-key", type=Path, help="its key")
+    ap.add_argument(
+        "--pod-cidr",
+        help="a /16 whose addresses pods get (e2e/cluster/podnet.py); default: a 127.Y.0.0/16",
+    )
     args = ap.parse_args(argv)
 
     logging.basicConfig(
@@ -41,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         kubelet_version=versions()["K8S_VERSION"],
         serving_cert=args.serving_cert,
         serving_key=args.serving_key,
+        pod_cidr=args.pod_cidr,
     )
     agent = Agent(cfg)
     # SIGTERM (cluster down) stops every pod's processes before the agent exits.

@@ -10,7 +10,9 @@ from pathlib import Path
 import yaml
 from kubernetes import client, config, watch
 
-from .ipam import Ipam, node_octet
+from e2e.cluster.podnet import fallback
+
+from .ipam import Ipam
 from .kubeletapi import KubeletAPI
 from .node import NodeKeeper
 from .node import now as node_now
@@ -30,6 +32,7 @@ class AgentConfig:
     shutdown_grace: float = 5.0  # per container when the agent itself stops
     serving_cert: Path | None = None  # for the kubelet API (`kubectl logs`); none: not served
     serving_key: Path | None = None
+    pod_cidr: str | None = None  # a /16 for pod addresses; None: a 127.Y/16 of the API server
 
     def __post_init__(self) -> None:
         if not self.node_names:
@@ -51,7 +54,8 @@ class Agent:
         self.server: str = cluster["server"]
         self.ca_data: str = cluster["certificate-authority-data"]
         self.host_ip = "127.0.0.1"
-        self.ipam = {n: Ipam(node_octet(self.server, n)) for n in cfg.node_names}
+        # One range for all of this agent's nodes: pod IPs are unique across the cluster.
+        self.ipam = Ipam(cfg.pod_cidr or fallback(self.server).cidr)
         self.workers: dict[str, PodWorker] = {}
         self.worker_node: dict[str, str] = {}
         self.lock = threading.Lock()
@@ -147,7 +151,7 @@ class Agent:
                 if pod.metadata.deletion_timestamp is not None:
                     self._finalize(pod)  # nothing runs for it here: let it go at once
                 return
-            ip = self.ipam[node].allocate()
+            ip = self.ipam.allocate()
             worker = PodWorker(self, pod, ip)
             self.workers[uid] = worker
             self.worker_node[uid] = node
@@ -195,9 +199,9 @@ class Agent:
     def forget(self, worker: PodWorker) -> None:
         with self.lock:
             self.workers.pop(worker.uid, None)
-            node = self.worker_node.pop(worker.uid, None)
-        if node is not None:
-            self.ipam[node].release(worker.ip)
+            known = self.worker_node.pop(worker.uid, None)
+        if known is not None:
+            self.ipam.release(worker.ip)
 
     def event(self, pod: client.V1Pod, etype: str, reason: str, message: str) -> None:
         """Best effort, like the kubelet's: an Event that cannot be written is not an error."""

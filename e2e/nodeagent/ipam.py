@@ -1,21 +1,17 @@
-"""Loopback addresses for pods: 127.<octet>.x.y per node, skipping any address in use.
+"""Pod addresses from the cluster's pod network (a /16), skipping any address in use.
 
-All of 127.0.0.0/8 routes to the loopback interface on Linux, so a process can bind any of
-these without setup. Another agent on the machine (a second clone's cluster) may use the
-same range; an address with a listening or connected socket is never handed out.
+The network is a 10.X.0.0/16 routed to the loopback interface (e2e/cluster/podnet.py), or,
+where that route could not be added, a 127.Y.0.0/16: all of 127/8 routes to the loopback
+interface on Linux, so a process can bind either without further setup. Another agent on the
+machine may share a fallback range; an address with a listening or connected socket is never
+handed out.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import threading
-import zlib
 from pathlib import Path
-
-
-def node_octet(server: str, node: str) -> int:
-    """A second octet for the node's range, stable per (API server, node), in [32, 224)."""
-    return 32 + zlib.crc32(f"{server}|{node}".encode()) % 192
 
 
 def addresses_in_use() -> set[str]:
@@ -33,24 +29,27 @@ def addresses_in_use() -> set[str]:
 
 
 class Ipam:
-    def __init__(self, octet: int) -> None:
-        assert 1 <= octet <= 254, octet
-        self.octet = octet
+    def __init__(self, network: str) -> None:
+        self.network = ipaddress.IPv4Network(network)
+        if self.network.prefixlen != 16:
+            raise ValueError(f"the pod network must be a /16, got {network}")
         self.taken: set[str] = set()
         self._next = 0
         self._lock = threading.Lock()
 
     def allocate(self) -> str:
+        base = int(self.network.network_address)
         with self._lock:
             busy = addresses_in_use() | self.taken
+            # x.y.N.1 .. x.y.N.254 for every N: no address ends in .0 or .255.
             for _ in range(256 * 254):
                 self._next = self._next % (256 * 254) + 1
-                x, y = divmod(self._next - 1, 254)
-                ip = f"127.{self.octet}.{x}.{y + 1}"
+                hi, lo = divmod(self._next - 1, 254)
+                ip = str(ipaddress.IPv4Address(base + hi * 256 + lo + 1))
                 if ip not in busy:
                     self.taken.add(ip)
                     return ip
-        raise RuntimeError(f"no free address left in 127.{self.octet}.0.0/16")
+        raise RuntimeError(f"no free address left in {self.network}")
 
     def release(self, ip: str) -> None:
         with self._lock:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
+from e2e.cluster.podnet import RESERVED, fallback, parse_prefixes, pick
 from e2e.nodeagent.container import Backoff
 from e2e.nodeagent.envvars import expand
-from e2e.nodeagent.ipam import Ipam, addresses_in_use, node_octet
+from e2e.nodeagent.ipam import Ipam, addresses_in_use
 from e2e.nodeagent.pod import termination_grace
 from e2e.nodeagent.probes import ProbeState
 from kubernetes import client
@@ -21,18 +23,51 @@ def test_expand_follows_kubernetes_rules() -> None:
 
 
 def test_ipam_skips_addresses_in_use() -> None:
-    octet = node_octet("https://127.0.0.1:1", "unit-test-node")
-    assert 32 <= octet < 224
-    busy = f"127.{octet}.0.1"  # the first address a fresh range would hand out
+    net = fallback("https://127.0.0.1:1|unit-test").network  # 127/8: bindable without a route
+    assert net.subnet_of(ipaddress.IPv4Network("127.0.0.0/8")) and net.prefixlen == 16
+    busy = str(net.network_address + 1)  # the first address a fresh range would hand out
     with socket.socket() as s:
         s.bind((busy, 0))
         s.listen()
         assert busy in addresses_in_use()
-        ipam = Ipam(octet)
+        ipam = Ipam(str(net))
         got = [ipam.allocate() for _ in range(3)]
     assert busy not in got and len(set(got)) == 3
+    assert all(ipaddress.IPv4Address(ip) in net for ip in got)
     ipam.release(got[0])
     assert got[0] not in ipam.taken
+
+
+def test_ipam_never_hands_out_dot_zero_or_dot_255() -> None:
+    ipam = Ipam("10.77.0.0/16")
+    ipam._next = 250  # near the end of the first /24
+    got = [ipam.allocate() for _ in range(8)]
+    assert got[:4] == ["10.77.0.251", "10.77.0.252", "10.77.0.253", "10.77.0.254"]
+    assert got[4:] == ["10.77.1.1", "10.77.1.2", "10.77.1.3", "10.77.1.4"]
+
+
+def test_pod_network_skips_reserved_and_used_ranges() -> None:
+    routes = "\n".join(
+        [
+            "default via 192.0.2.1 dev eth0",
+            "10.0.0.0/8 via 10.128.0.1 dev eth1 table 7",  # would cover them all: skip below
+            "local 10.50.0.0/16 dev lo table local proto kernel scope host",
+            "broadcast 127.255.255.255 dev lo table local proto kernel scope link",
+        ]
+    )
+    addrs = "2: eth0    inet 10.60.3.4/24 brd 10.60.3.255 scope global eth0"
+    used = parse_prefixes(routes, addrs)
+    assert ipaddress.IPv4Network("10.50.0.0/16") in used
+    assert ipaddress.IPv4Network("10.60.3.0/24") in used
+    assert pick("any", used) == []  # 10/8 is somebody's: nothing is free
+    used = [u for u in used if u.prefixlen > 8]
+    free = pick("clone-a|https://127.0.0.1:26443", used)
+    octets = {int(str(n).split(".")[1]) for n in free}
+    assert not octets & ({50, 60} | set(RESERVED))
+    assert len(free) == 254 - len(RESERVED) - 2
+    # Stable per key, and two keys usually start in different places.
+    assert free == pick("clone-a|https://127.0.0.1:26443", used)
+    assert free[0] != pick("clone-b|https://127.0.0.1:26443", used)[0]
 
 
 def test_probe_thresholds() -> None:

@@ -1,5 +1,5 @@
 """An operator pod works as in a real cluster: a kopf process run by the node agent, with its
-ServiceAccount token (TokenRequest) and only the operator's ClusterRole."""
+ServiceAccount token (TokenRequest) and only the chart's ClusterRole for the operator."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from e2e.cluster.testing import Kube, wait_for
 HANDLERS = Path(__file__).with_name("kopf_marker.py")
 
 
-def test_kopf_in_a_pod_handles_loraadapters(kube: Kube, crds: list[str], namespace: str) -> None:
+def test_kopf_in_a_pod_handles_loraadapters(
+    kube: Kube, crds: list[str], namespace: str, operator_role: str
+) -> None:
     if kube.local is None:
         pytest.skip("needs the node agent to run the operator's process")
     kube.kubectl("create", "serviceaccount", "operator", "-n", namespace)
@@ -21,7 +23,7 @@ def test_kopf_in_a_pod_handles_loraadapters(kube: Kube, crds: list[str], namespa
         "create",
         "clusterrolebinding",
         binding,
-        "--clusterrole=loraplane-operator",
+        f"--clusterrole={operator_role}",
         f"--serviceaccount={namespace}:operator",
     )
     try:
