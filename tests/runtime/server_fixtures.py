@@ -32,7 +32,7 @@ def arch_model_dir(tmp_path_factory: pytest.TempPathFactory):
 class RunningServer:
     """A real uvicorn server on 127.0.0.1 in a background thread, with its Runtime."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, fetcher=None) -> None:
         import socket
         import threading
 
@@ -41,7 +41,7 @@ class RunningServer:
         from loraplane.runtime.runtime import Runtime
         from loraplane.runtime.server import create_app
 
-        self.runtime = Runtime(config)
+        self.runtime = Runtime(config, fetcher=fetcher)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -73,6 +73,85 @@ class RunningServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
+
+
+def wait_for(predicate, what: str, timeout_s: float = 60) -> None:
+    """Poll predicate until it is true; fail naming what was awaited once the deadline passes."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def serve_directory(root: Path, tls=None):
+    """A threaded HTTP(S) server of root on 127.0.0.1; /private/ wants 'Bearer sesame'."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if self.path.startswith("/private/") and (
+                self.headers.get("Authorization") != "Bearer sesame"
+            ):
+                self.send_error(401)
+                return
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(root))
+    )
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    server = serve_directory(root)
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def https_root(tmp_path):
+    """An https server on loopback with a throwaway self-signed certificate, and its trust."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    root = tmp_path / "www-tls"
+    root.mkdir()
+    server = serve_directory(root, tls)
+    trust = ssl.create_default_context(cafile=str(cert))
+    yield root, f"https://127.0.0.1:{server.server_address[1]}", trust
+    server.shutdown()
+    server.server_close()
 
 
 def make_config(base: Path, tmp: Path, **overrides):
@@ -112,7 +191,9 @@ def rewrite_weights(adapter_dir: Path, change) -> Path:
     return adapter_dir
 
 
-def peft_greedy(base, adapter_dir, prompts: list[str], max_tokens: int) -> list[str]:
+def peft_greedy(
+    base, adapter_dir, prompts: list[str], max_tokens: int, special: bool = False
+) -> list[str]:
     """PEFT's own greedy generate: the oracle every runtime output is held to."""
     import torch
     from peft import PeftModel
@@ -125,7 +206,7 @@ def peft_greedy(base, adapter_dir, prompts: list[str], max_tokens: int) -> list[
     model.eval()
     texts = []
     for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=special).input_ids
         with torch.no_grad():
             out = model.generate(
                 ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id

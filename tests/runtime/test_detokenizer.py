@@ -70,3 +70,28 @@ def test_windowed_decoding_is_exact_and_stays_short():
         streamed += detok.update(s, final=i == len(pieces) - 1)
     assert streamed == "hello world again" + " x" * 200
     assert max(tokenizer.lengths) <= 3  # never the whole output
+
+
+class Counting(Chars):
+    def __init__(self, pieces: list[str]) -> None:
+        super().__init__(pieces)
+        self.work = 0  # token ids decoded in all
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.work += len(ids)
+        return super().decode(ids, skip_special_tokens)
+
+
+def test_decoding_stays_linear_when_tokens_decode_to_nothing():
+    # Skipped special tokens, or a run of partial characters, must not grow the window: each
+    # step would then re-decode the whole output (quadratic: 2000 tokens, ~4 million ids).
+    n = 2000
+    for filler in ("", "\ufffd"):
+        tok = Counting([filler] * n + ["end"])
+        detok = Detokenizer(tok)
+        s = Sequence([0], SamplingParams(max_tokens=n + 1, stop=("zz",)))
+        for i in range(n + 1):
+            s.output_ids.append(i)
+            detok.update(s, final=i == n)
+        assert s.text.endswith("end")
+        assert tok.work < 40 * n, (filler, tok.work)

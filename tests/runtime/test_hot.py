@@ -10,7 +10,7 @@ import weakref
 
 import httpx
 import pytest
-from server_fixtures import RunningServer, copy_adapter, demo_dir, make_config  # noqa: F401
+from server_fixtures import RunningServer, copy_adapter, demo_dir, make_config, wait_for  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +24,6 @@ def setup(demo_dir, tmp_path_factory):  # noqa: F811
     )
     with RunningServer(config) as running:
         yield running, adapters, tmp
-
-
-def wait_for(predicate, what: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 async def test_unload_waits_for_running_requests_and_frees_weights(setup, monkeypatch):

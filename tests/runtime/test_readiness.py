@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
-from server_fixtures import RunningServer, demo_dir, make_config  # noqa: F401
+from server_fixtures import RunningServer, demo_dir, make_config, wait_for  # noqa: F401
 
 
 def readyz(server) -> tuple[int, dict]:
     r = httpx.get(f"{server.url}/readyz", timeout=5)
     return r.status_code, r.json()
-
-
-def wait_for(predicate, what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def test_ready_only_once_preloads_are_in_and_not_while_draining(demo_dir, tmp_path):  # noqa: F811

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import io
 import shutil
 import tarfile
-import threading
 import zipfile
 from pathlib import Path
 
 import fsspec
 import pytest
-from server_fixtures import demo_dir  # noqa: F401
+from server_fixtures import demo_dir, http_root, https_root  # noqa: F401
 
 from loraplane.runtime.adapters.errors import (
     InvalidAdapter,
@@ -146,75 +143,7 @@ def test_s3_source_through_an_fsspec_filesystem(tmp_path, poet):
     assert not list((tmp_path / "cache" / "sources").glob(".partial-*"))
 
 
-def _serve(root: Path, tls=None):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-
-    class Quiet(handler.func):  # type: ignore[name-defined,misc]
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            # /private/ stands in for a server that wants the secret's BEARER_TOKEN.
-            if self.path.startswith("/private/") and (
-                self.headers.get("Authorization") != "Bearer sesame"
-            ):
-                self.send_error(401)
-                return
-            super().do_GET()
-
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(root))
-    )
-    if tls is not None:
-        server.socket = tls.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server
-
-
-@pytest.fixture
-def http_root(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    server = _serve(root)
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture
-def https_root(tmp_path):
-    """An https server on loopback with a throwaway self-signed certificate, and its trust."""
-    import ssl
-    import subprocess
-
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a test certificate")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
-            *("-addext", "subjectAltName=IP:127.0.0.1"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.load_cert_chain(cert, key)
-    root = tmp_path / "www-tls"
-    root.mkdir()
-    server = _serve(root, tls)
-    yield (
-        root,
-        f"https://127.0.0.1:{server.server_address[1]}",
-        ssl.create_default_context(cafile=str(cert)),
-    )
-    server.shutdown()
-    server.server_close()
-
-
-def test_a_bearer_token_goes_only_over_https(tmp_path, poet, https_root):
+def test_a_bearer_token_goes_only_over_https(tmp_path, poet, https_root):  # noqa: F811
     root, url, trust = https_root
     shutil.copytree(poet, root / "private" / "poet")
     fetcher = Fetcher(tmp_path / "cache", tmp_path / "pvc", tls_verify=trust)
@@ -224,7 +153,7 @@ def test_a_bearer_token_goes_only_over_https(tmp_path, poet, https_root):
     assert same_files(got, poet)
 
 
-def test_https_source_files_and_archives(tmp_path, poet, http_root):
+def test_https_source_files_and_archives(tmp_path, poet, http_root):  # noqa: F811
     root, url = http_root
     shutil.copytree(poet, root / "poet")
     with tarfile.open(root / "poet.tar.gz", "w:gz") as tar:

@@ -14,6 +14,8 @@ from typing import Any
 
 from loraplane.runtime.sequence import Sequence
 
+MAX_PENDING = 8  # no character needs more tokens than this (UTF-8 has at most 4 bytes)
+
 
 class Detokenizer:
     def __init__(self, tokenizer: Any) -> None:
@@ -47,7 +49,11 @@ class Detokenizer:
         decode = self.tokenizer.decode
         before = decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
         after = decode(ids[seq.prefix_offset :], skip_special_tokens=True)
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+        # Tokens that decode to nothing (skipped special tokens) or to an endless run of
+        # partial characters would grow the window forever: every step would decode all of
+        # it, quadratic in the output. Past MAX_PENDING tokens the window moves on regardless.
+        stuck = len(ids) - seq.read_offset > MAX_PENDING
+        if stuck or (len(after) > len(before) and (final or not after.endswith("\ufffd"))):
             seq.decoded += after[len(before) :]
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
 

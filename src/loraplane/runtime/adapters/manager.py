@@ -241,6 +241,11 @@ class AdapterManager:
             entry.refs -= 1
             assert entry.refs >= 0, entry.name
 
+    def unloading(self) -> list[AdapterEntry]:
+        """Retired entries still serving requests, under names nothing new was loaded as."""
+        with self.lock:
+            return [e for e in self.retired if e.refs > 0 and e.name not in self.entries]
+
     def registered(self) -> list[AdapterEntry]:
         with self.lock:
             return sorted(self.entries.values(), key=lambda e: e.name)

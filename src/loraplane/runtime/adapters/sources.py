@@ -76,7 +76,8 @@ class Fetcher:
             return self._local(Path(rest), source)
         if scheme == "pvc":
             return self._pvc(rest, source)
-        if scheme == "http" and creds:
+        userinfo = "@" in rest.split("/", 1)[0]  # http://user:password@host
+        if scheme == "http" and (creds or userinfo):
             raise InvalidSource(
                 f"source {redact_source(source)} is plain http://, and credentials would travel "
                 "in clear; use https://"

@@ -20,7 +20,7 @@ from loraplane.api.wire import (
 from loraplane.runtime.adapters.errors import AdapterNotFound
 from loraplane.runtime.adapters.manager import AdapterEntry, Loading
 from loraplane.runtime.runtime import Runtime
-from loraplane.runtime.server.errors import APIError
+from loraplane.runtime.server.errors import ADMIN_ERRORS, APIError
 
 
 def require_admin(request: Request) -> None:
@@ -38,13 +38,16 @@ def require_admin(request: Request) -> None:
         )
 
 
-router = APIRouter(prefix="/v1/adapters", dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/v1/adapters", dependencies=[Depends(require_admin)], responses=ADMIN_ERRORS
+)
 
 
 @router.get("", response_model=AdapterList)
 async def list_adapters(request: Request) -> AdapterList:
     runtime: Runtime = request.app.state.runtime
     adapters = [describe(e) for e in runtime.adapters.registered()]
+    adapters += [describe(e) for e in runtime.adapters.unloading()]  # deleted, still finishing
     loaded = {a.name for a in adapters}
     for name, inflight in sorted(runtime.adapters.loading_now().items()):
         if name not in loaded:  # a replacement in flight: the served entry is what counts
@@ -59,9 +62,12 @@ async def get_adapter(name: str, request: Request) -> AdapterInfo:
         return describe(runtime.adapters.get(name))
     except AdapterNotFound:
         inflight = runtime.adapters.loading_now().get(name)
-        if inflight is None:
-            raise
-        return describe_loading(name, inflight)  # as the list shows it
+        if inflight is not None:
+            return describe_loading(name, inflight)  # as the list shows it
+        for entry in runtime.adapters.unloading():
+            if entry.name == name:
+                return describe(entry)
+        raise
 
 
 @router.put("/{name}", response_model=AdapterInfo)

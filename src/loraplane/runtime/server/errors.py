@@ -3,18 +3,52 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loraplane.api.wire import ErrorBody
 from loraplane.runtime.adapters.errors import AdapterError
 from loraplane.runtime.engine import QueueFull, ShuttingDown
 
 log = logging.getLogger(__name__)
 
 TGI_PATHS = ("/generate", "/generate_stream")
+
+
+def _documented(statuses: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorBody, "description": why} for code, why in statuses.items()}
+
+
+# What the OpenAPI document lists for each group of routes (TGI routes answer TGI's shape).
+GENERATION_ERRORS = _documented(
+    {
+        400: "invalid parameters, a prompt too long for this server, or invalid text",
+        404: "the model is neither the base nor a loaded adapter",
+        413: "the body is larger than --max-request-bytes",
+        429: "the queue is full (--max-queue); retry after Retry-After seconds",
+        500: "this request's generation failed (its neighbours are unaffected)",
+        503: "shutting down, or the adapter failed and must be PUT again",
+    }
+)
+ADMIN_ERRORS = _documented(
+    {
+        400: "bad adapter name, source or body",
+        401: "missing or wrong bearer token",
+        404: "adapter or source not found",
+        409: "pinning leaves no slot, or a DELETE or newer PUT came during the load",
+        413: "the body is larger than --max-request-bytes",
+        422: "the adapter is malformed, too large or does not fit the base (error.param names the field)",
+        429: "--max-concurrent-fetches fetches are running; retry later",
+        502: "the source could not be reached",
+        503: "the runtime is shutting down",
+        504: "the fetch took more than --fetch-timeout",
+        507: "no space left in the cache dir",
+    }
+)
 
 
 class APIError(Exception):

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from loraplane.api.wire import redact_source
 from loraplane.runtime.runtime import Runtime
-from loraplane.runtime.server.errors import APIError
+from loraplane.runtime.server.errors import GENERATION_ERRORS, APIError
 from loraplane.runtime.server.generation import (
     Result,
     absorb,
@@ -27,7 +27,7 @@ from loraplane.runtime.server.generation import (
 )
 from loraplane.runtime.server.openai_schemas import ChatRequest, CompletionRequest
 
-router = APIRouter()
+router = APIRouter(responses=GENERATION_ERRORS)
 
 
 def _runtime(request: Request) -> Runtime:

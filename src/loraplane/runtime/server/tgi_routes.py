@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loraplane.runtime.runtime import Runtime
 from loraplane.runtime.sampling import SamplingParams
-from loraplane.runtime.server.errors import APIError
+from loraplane.runtime.server.errors import GENERATION_ERRORS, APIError
 from loraplane.runtime.server.generation import (
     Result,
     absorb,
@@ -22,7 +22,7 @@ from loraplane.runtime.server.generation import (
     tokenize,
 )
 
-router = APIRouter()
+router = APIRouter(responses=GENERATION_ERRORS)
 
 
 class Parameters(BaseModel):
