@@ -1,0 +1,335 @@
+"""The operator on a real control plane with real runtime pods (a tiny model on the CPU).
+
+One fleet is shared by the tests of this module, in order: it becomes Ready with every
+adapter verified on every pod, bad adapters are reported without disturbing the others,
+deletion unloads everywhere, a replaced pod serves only once it holds its adapters,
+scaling, and an operator restart that loses nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from e2e.cluster.testing import Kube, delete_namespace, is_ready, new_namespace, wait_for
+
+from loraplane.api.wire import READINESS_GATE
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = "tiny"
+MAX_RANK = 16
+PROMPT_IDS = [5, 17, 42, 99, 7]
+MAX_TOKENS = 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Operator:
+    """The operator as a local process under the operator user's least-privilege identity."""
+
+    def __init__(self, kube: Kube, namespace: str, log: Path) -> None:
+        assert kube.local is not None
+        self.env = {
+            **os.environ,
+            "KUBECONFIG": str(kube.local.kubeconfig("operator")),
+            "LORAPLANE_NAMESPACES": namespace,
+            "LORAPLANE_BIND_ADDRESS": "127.0.0.1",
+            "LORAPLANE_METRICS_PORT": str(free_port()),
+            "LORAPLANE_HEALTH_PORT": str(free_port()),
+            "LORAPLANE_RESYNC_SECONDS": "5",
+            "LORAPLANE_CACHE_ROOT": str(log.parent / "runtime-cache"),
+        }
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loraplane.operator"], env=self.env, stdout=out, stderr=out
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def metrics(self) -> str:
+        port = self.env["LORAPLANE_METRICS_PORT"]
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from loraplane.runtime.tiny import TinyAdapterSpec, build_adapter, build_demo
+
+    root = tmp_path_factory.mktemp("operator-models")
+    base, adapters = build_demo(root)
+    too_big = build_adapter(root / "adapters" / "too-big", base, TinyAdapterSpec(r=32, seed=9))
+    return {"base": base, **adapters, "too-big": too_big}
+
+
+@pytest.fixture(scope="module")
+def fleet(kube: Kube, crds: list[str], models: dict[str, Path], tmp_path_factory) -> Iterator[dict]:
+    if kube.local is None:
+        pytest.skip("runs runtime pods as local processes: needs the node agent")
+    ns = new_namespace(kube, "operator")
+    op = Operator(kube, ns, tmp_path_factory.mktemp("operator") / "operator.log")
+    op.start()
+    state = {"ns": ns, "op": op, "models": models}
+    try:
+        apply(kube, ns, base_model(models["base"], replicas=2))
+        for name, extra in (
+            ("sql-expert", {}),
+            ("poet", {"servedName": "Poet_v2"}),
+            ("support-bot", {}),
+        ):
+            apply(kube, ns, adapter(name, models[name], **extra))
+        yield state
+    finally:
+        op.stop()
+        # Shown only when a test of this module failed (pytest keeps captured output).
+        print(kube.explain(ns))
+        print(f"--- operator log ---\n{op.log.read_text()[-6000:]}")
+        delete_namespace(kube, ns)
+
+
+def base_model(path: Path, replicas: int) -> dict:
+    return {
+        "apiVersion": "loraplane.io/v1alpha1",
+        "kind": "BaseModelDeployment",
+        "metadata": {"name": BASE},
+        "spec": {
+            "model": {"source": f"file://{path}"},
+            "runtime": {"resources": {"gpus": 0}},
+            "maxLoraRank": MAX_RANK,
+            "replicas": replicas,
+            "scheduling": {"nodeSelector": {"loraplane.io/node-agent": "true"}},
+        },
+    }
+
+
+def adapter(name: str, path: Path, **spec: object) -> dict:
+    return {
+        "apiVersion": "loraplane.io/v1alpha1",
+        "kind": "LoraAdapter",
+        "metadata": {"name": name},
+        "spec": {"baseModel": BASE, "source": f"file://{path}", **spec},
+    }
+
+
+def apply(kube: Kube, ns: str, obj: dict) -> None:
+    kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(obj))
+
+
+def condition(obj: dict, type_: str) -> dict:
+    return next(
+        (c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), {}
+    )
+
+
+def runtime_pods(kube: Kube, ns: str) -> list[dict]:
+    pods = kube.get_json("pods", "-n", ns, "-l", f"loraplane.io/base-model={BASE}")["items"]
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def admin_token(kube: Kube, ns: str) -> str:
+    secret = kube.get_json("secret", f"{BASE}-admin", "-n", ns)
+    return base64.b64decode(secret["data"]["token"]).decode()
+
+
+def held(kube: Kube, ns: str, pod: dict) -> dict[str, dict]:
+    r = httpx.get(
+        f"http://{pod['status']['podIP']}:8000/v1/adapters",
+        headers={"Authorization": f"Bearer {admin_token(kube, ns)}"},
+        timeout=10,
+    )
+    r.raise_for_status()
+    return {a["name"]: a for a in r.json()["adapters"]}
+
+
+def adapter_ready(kube: Kube, ns: str, name: str, replicas: int) -> dict | None:
+    obj = kube.get_json("lora", name, "-n", ns)
+    status = obj.get("status") or {}
+    ok = (
+        condition(obj, "Ready").get("status") == "True" and status.get("loadedReplicas") == replicas
+    )
+    return obj if ok and status.get("totalReplicas") == replicas else None
+
+
+def fleet_ready(kube: Kube, ns: str, replicas: int) -> dict | None:
+    bmd = kube.get_json("bmd", BASE, "-n", ns)
+    status = bmd.get("status") or {}
+    if condition(bmd, "Ready").get("status") != "True" or status.get("readyReplicas") != replicas:
+        return None
+    pods = runtime_pods(kube, ns)
+    return bmd if len(pods) == replicas and all(is_ready(p) for p in pods) else None
+
+
+def peft_greedy_ids(base: Path, adapter_dir: Path | None) -> list[int]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    with torch.no_grad():
+        out = model.eval().generate(
+            torch.tensor([PROMPT_IDS]), max_new_tokens=MAX_TOKENS, do_sample=False
+        )
+    return out[0, len(PROMPT_IDS) :].tolist()
+
+
+def complete_text(pod: dict, model: str) -> str:
+    r = httpx.post(
+        f"http://{pod['status']['podIP']}:8000/v1/completions",
+        json={"model": model, "prompt": PROMPT_IDS, "max_tokens": MAX_TOKENS, "temperature": 0},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+# ---- the tests, in order -----------------------------------------------------------------
+
+
+def test_fleet_and_adapters_become_ready_with_verified_residency(kube: Kube, fleet: dict) -> None:
+    ns = fleet["ns"]
+    wait_for(
+        lambda: fleet_ready(kube, ns, 2), 240, "the BaseModelDeployment to be Ready with 2 pods"
+    )
+    for name in ("sql-expert", "poet", "support-bot"):
+        obj = wait_for(lambda n=name: adapter_ready(kube, ns, n, 2), 120, f"{name} Ready on 2 pods")
+        status = obj["status"]
+        assert len(status["sha256"]) == 64 and status["rank"] > 0, status
+        assert {r["state"] for r in status["replicas"]} == {"Loaded"}, status["replicas"]
+        assert all(r.get("loadedAt") for r in status["replicas"])
+        assert condition(obj, "Compatible")["status"] == "True"
+    bmd = kube.get_json("bmd", BASE, "-n", ns)
+    assert bmd["status"]["adaptersReady"] == 3 and bmd["status"]["selector"]
+    assert condition(bmd, "Degraded")["status"] == "False"
+
+    from transformers import AutoTokenizer
+
+    models = fleet["models"]
+    tok = AutoTokenizer.from_pretrained(str(models["base"]))
+    expected = {
+        served: tok.decode(peft_greedy_ids(models["base"], models[name]), skip_special_tokens=True)
+        for served, name in (
+            ("sql-expert", "sql-expert"),
+            ("Poet_v2", "poet"),
+            ("support-bot", "support-bot"),
+        )
+    }
+    assert len(set(expected.values())) == 3, "the adapters must differ to prove anything"
+    for pod in runtime_pods(kube, ns):
+        gate = condition(pod, READINESS_GATE)
+        assert gate["status"] == "True", gate
+        for served, text in expected.items():
+            assert complete_text(pod, served) == text, (pod["metadata"]["name"], served)
+
+
+def test_bad_adapters_get_conditions_and_events_while_others_serve(kube: Kube, fleet: dict) -> None:
+    ns, models = fleet["ns"], fleet["models"]
+    apply(kube, ns, adapter("too-big", models["too-big"]))
+    apply(kube, ns, adapter("wrong-digest", models["sql-expert"], sha256="0" * 64))
+
+    def refused(name: str, type_: str) -> dict | None:
+        obj = kube.get_json("lora", name, "-n", ns)
+        return obj if condition(obj, type_).get("status") == "False" else None
+
+    big = wait_for(lambda: refused("too-big", "Compatible"), 60, "too-big Compatible=False")
+    assert "rank 32" in condition(big, "Compatible")["message"], condition(big, "Compatible")
+    assert condition(big, "Ready")["status"] == "False"
+    digest = wait_for(lambda: refused("wrong-digest", "Loaded"), 60, "wrong-digest Loaded=False")
+    assert condition(digest, "Loaded")["reason"] == "LoadFailed"
+    assert "sha256" in condition(digest, "Loaded")["message"]
+
+    def warned() -> bool:
+        events = kube.get_json("events", "-n", ns)["items"]
+        reasons = {(e["involvedObject"]["name"], e["reason"]) for e in events}
+        return {("too-big", "LoadFailed"), ("wrong-digest", "LoadFailed")} <= reasons
+
+    wait_for(warned, 30, "a LoadFailed Event on each bad adapter")
+    bmd = wait_for(
+        lambda: (
+            (b := kube.get_json("bmd", BASE, "-n", ns))
+            and condition(b, "Degraded").get("status") == "True"
+            and b
+        ),
+        30,
+        "the deployment to report Degraded",
+    )
+    assert "too-big" in condition(bmd, "Degraded")["message"]
+    # The neighbours keep serving on every pod.
+    assert fleet_ready(kube, ns, 2)
+    assert adapter_ready(kube, ns, "sql-expert", 2)
+    kube.kubectl("delete", "lora", "too-big", "wrong-digest", "-n", ns, "--wait=true")
+
+
+def test_deleting_an_adapter_unloads_it_everywhere(kube: Kube, fleet: dict) -> None:
+    ns = fleet["ns"]
+    kube.kubectl("delete", "lora", "poet", "-n", ns, "--wait=true", timeout=60)
+    for pod in runtime_pods(kube, ns):
+        assert "Poet_v2" not in held(kube, ns, pod), pod["metadata"]["name"]
+    reasons = {
+        (e["involvedObject"]["name"], e["reason"])
+        for e in kube.get_json("events", "-n", ns)["items"]
+    }
+    assert ("poet", "Unloaded") in reasons
+
+
+def test_a_replaced_pod_takes_traffic_only_with_its_adapters(kube: Kube, fleet: dict) -> None:
+    ns = fleet["ns"]
+    victim = runtime_pods(kube, ns)[0]["metadata"]["name"]
+    kube.kubectl("delete", "pod", victim, "-n", ns, "--wait=false")
+
+    def replacement_ready() -> dict | None:
+        pods = [p for p in runtime_pods(kube, ns) if p["metadata"]["name"] != victim]
+        new = [p for p in pods if is_ready(p)]
+        return new[0] if len(new) == 2 and len(pods) == 2 else None
+
+    wait_for(replacement_ready, 180, "a replacement pod to be Ready")
+    for pod in runtime_pods(kube, ns):
+        assert {"sql-expert", "support-bot"} <= set(held(kube, ns, pod)), pod["metadata"]["name"]
+    wait_for(lambda: adapter_ready(kube, ns, "sql-expert", 2), 60, "sql-expert on both pods")
+
+
+def test_scaling_out_and_in(kube: Kube, fleet: dict) -> None:
+    ns = fleet["ns"]
+    kube.kubectl("scale", "bmd", BASE, "-n", ns, "--replicas=3")
+    wait_for(lambda: fleet_ready(kube, ns, 3), 240, "3 Ready pods")
+    wait_for(lambda: adapter_ready(kube, ns, "support-bot", 3), 60, "support-bot on 3 pods")
+    kube.kubectl("scale", "bmd", BASE, "-n", ns, "--replicas=1")
+    wait_for(lambda: fleet_ready(kube, ns, 1), 120, "1 Ready pod")
+    wait_for(lambda: adapter_ready(kube, ns, "sql-expert", 1), 60, "sql-expert reported on 1 pod")
+
+
+def test_operator_restart_loses_nothing(kube: Kube, fleet: dict) -> None:
+    ns, op, models = fleet["ns"], fleet["op"], fleet["models"]
+    op.stop()
+    apply(kube, ns, adapter("late", models["poet"]))  # changed while nobody watches
+    op.start()
+    wait_for(lambda: adapter_ready(kube, ns, "late", 1), 120, "an adapter applied while down")
+    assert adapter_ready(kube, ns, "sql-expert", 1)
+    assert "loraplane_operator_syncs_total" in wait_for(op.metrics, 30, "operator metrics")
+    log = op.log.read_text()
+    assert "Forbidden" not in log and " 401" not in log and "Traceback" not in log, log[-4000:]
