@@ -238,6 +238,28 @@ def test_gauges_and_saturation_come_from_the_latest_known_samples():
     assert load.waiting == 7
 
 
+def test_a_growing_backlog_is_arriving_demand():
+    # The pod finishes 10 requests a second at most; 30 arrive, so its queue grows by 20.
+    tracker = RateTracker()
+    for t in range(0, 121, 2):
+        tracker.observe(t, {"a": s(10 * t, in_flight=20 * t + 5, queued=20 * t)})
+    load = tracker.load(60, 6)
+    assert load.stable_rate == pytest.approx(30.0)
+    assert load.panic_rate == pytest.approx(30.0)
+    # Held by the router at zero: the same.
+    tracker = RateTracker()
+    for t in range(0, 61, 2):
+        tracker.observe(t, {}, held=3 * t)
+    assert tracker.load(60, 6).stable_rate == pytest.approx(3.0)
+
+
+def test_a_draining_backlog_does_not_lower_the_rate():
+    tracker = RateTracker()
+    for t in range(0, 121, 2):
+        tracker.observe(t, {"a": s(10 * t, queued=max(0, 1000 - 5 * t))})
+    assert tracker.load(60, 6).stable_rate == pytest.approx(10.0)
+
+
 def test_rates_per_adapter():
     tracker = RateTracker()
     for t in range(0, 61, 2):

@@ -83,15 +83,13 @@ class _Demand:
         target = to_milli(spec.target_requests_per_second)
         assert load.stable_rate is not None and load.panic_rate is not None
         # A pod with a queue serves at least its target, whatever it finished lately (long
-        # generations finish slowly); the waiting requests arrive again over the window.
+        # generations finish slowly), and the requests waiting now should be served within
+        # a stable window on top of what keeps arriving.
         floor = load.saturated * target
-
-        def milli(rate: float, window: int) -> int:
-            return max(round(rate * 1000), floor) + _ceil_div(load.waiting * 1000, window)
-
+        backlog = _ceil_div(load.waiting * 1000, spec.stable_window_seconds)
         return cls(
-            stable_milli=milli(load.stable_rate, spec.stable_window_seconds),
-            panic_milli=milli(load.panic_rate, spec.panic_window_seconds),
+            stable_milli=max(round(load.stable_rate * 1000), floor) + backlog,
+            panic_milli=max(round(load.panic_rate * 1000), floor) + backlog,
             target_milli=target,
         )
 

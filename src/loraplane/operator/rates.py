@@ -2,8 +2,9 @@
 
 The runtime counts finished requests (every adapter, every status, 429s included) in
 `loraplane_requests_total`. The operator scrapes every pod every few seconds; this module
-turns those counters into requests per second over a window, and is robust to what a fleet
-does between two scrapes:
+turns those counters into requests per second over a window (plus the growth of the requests
+waiting in queues or held by the router: what arrived and could not be served yet), and is
+robust to what a fleet does between two scrapes:
 
 - a pod restarts: its counter drops (or its series are created anew), so the new value is
   what it counted since the restart;
@@ -111,9 +112,9 @@ class FleetLoad:
     """What the fleet did up to the latest observation: the autoscaler's input."""
 
     stable_rate: float | None
-    """Requests per second over the stable window; None until two observations."""
+    """Requests per second arriving over the stable window; None until two observations."""
     panic_rate: float | None
-    """Requests per second over the panic window; None until two observations."""
+    """Requests per second arriving over the panic window; None until two observations."""
     by_adapter: Mapping[str, float]
     """Requests per second per adapter over the stable window."""
     in_flight: int
@@ -155,10 +156,20 @@ class _Interval:
 
 @dataclass(frozen=True)
 class _Observation:
+    """One round of scrapes: who was there, and the fleet's gauges (last known for a pod
+    whose scrape failed)."""
+
     time: float
     present: frozenset[str]
     failed: frozenset[str]
     held: int
+    in_flight: int
+    queued: int
+    saturated: int
+
+    @property
+    def waiting(self) -> int:
+        return self.queued + self.held
 
 
 class RateTracker:
@@ -175,8 +186,12 @@ class RateTracker:
         self._last: dict[str, tuple[float, PodSample]] = {}  # pod -> its latest good sample
         self._baseline: dict[str, float] = {}  # pod -> when it was first seen
         self._first: float | None = None
-        self._latest: _Observation | None = None
+        self._observations: deque[_Observation] = deque()
         self._last_activity: float | None = None
+
+    @property
+    def _latest(self) -> _Observation | None:
+        return self._observations[-1] if self._observations else None
 
     def observe(self, now: float, pods: Mapping[str, PodSample | None], held: int = 0) -> None:
         """Record one round of scrapes at `now`: every pod of the fleet, None where it failed.
@@ -208,11 +223,17 @@ class RateTracker:
             self._first = now
         if active:
             self._last_activity = now
-        self._latest = _Observation(
-            now,
-            frozenset(pods),
-            frozenset(p for p, s in pods.items() if s is None),
-            held,
+        known = [self._last[p][1] for p in pods if p in self._last]
+        self._observations.append(
+            _Observation(
+                time=now,
+                present=frozenset(pods),
+                failed=frozenset(p for p, s in pods.items() if s is None),
+                held=held,
+                in_flight=sum(s.in_flight for s in known),
+                queued=sum(s.queued for s in known),
+                saturated=sum(1 for s in known if s.queued > 0),
+            )
         )
         self._forget(now)
 
@@ -223,14 +244,13 @@ class RateTracker:
             return FleetLoad(None, None, {}, 0, 0, 0, 0, 0, 0, 0.0)
         stable = self._rate(latest, stable_seconds)
         panic = self._rate(latest, panic_seconds)
-        known = [self._last[p][1] for p in latest.present if p in self._last]
         return FleetLoad(
-            stable_rate=None if stable is None else stable[0],
-            panic_rate=None if panic is None else panic[0],
+            stable_rate=None if stable is None else stable[0] + self._growth(stable_seconds),
+            panic_rate=None if panic is None else panic[0] + self._growth(panic_seconds),
             by_adapter={} if stable is None else stable[1],
-            in_flight=sum(s.in_flight for s in known),
-            queued=sum(s.queued for s in known),
-            saturated=sum(1 for s in known if s.queued > 0),
+            in_flight=latest.in_flight,
+            queued=latest.queued,
+            saturated=latest.saturated,
             held=latest.held,
             pods=len(latest.present),
             answered=len(latest.present - latest.failed),
@@ -277,10 +297,29 @@ class RateTracker:
         span = end - start
         return total / span, {a: n / span for a, n in sorted(adapters.items())}
 
+    def _growth(self, window: float) -> float:
+        """How fast the requests waiting (queued or held) grew over the window, per second.
+
+        Finished requests undercount arrivals by as much when the fleet cannot keep up. A
+        shrinking backlog counts as 0, not less: the fleet is busy draining it.
+        """
+        latest = self._observations[-1]
+        then = self._observations[0]
+        for obs in reversed(self._observations):
+            if obs.time <= latest.time - window:
+                then = obs
+                break
+        if then.time >= latest.time:
+            return 0.0
+        return max(0.0, (latest.waiting - then.waiting) / (latest.time - then.time))
+
     def _forget(self, now: float) -> None:
         horizon = now - self.retention_seconds
         while self._intervals and self._intervals[0].end <= horizon:
             self._intervals.popleft()
+        # The newest observation before the horizon stays: the base of a window that long.
+        while len(self._observations) > 1 and self._observations[1].time <= horizon:
+            self._observations.popleft()
         assert self._latest is not None
         gone = [p for p, (t, _) in self._last.items() if t <= horizon]
         for pod in gone:
