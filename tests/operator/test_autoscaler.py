@@ -5,8 +5,11 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -460,3 +463,25 @@ def test_invariants_over_random_loads(seed):
         if d.desired == 0:
             history = []
         state, current = d.state, d.desired
+
+
+# ---- the simulation benchmark drives this same code ----------------------------------------------
+
+
+def test_bench_quick_run_favours_one_consolidated_deployment(tmp_path):
+    bench = Path(__file__).resolve().parents[2] / "bench" / "autoscale.py"
+    run = subprocess.run(
+        [sys.executable, str(bench), "--quick", "--jobs", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in run.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| setup") and "models" not in line
+    }
+    consolidated, dedicated, dedicated_zero = (float(rows["10"][i]) for i in (0, 2, 4))
+    assert consolidated < dedicated_zero <= dedicated
+    assert set(rows) >= {"consolidated", "dedicated", "dedicated-zero", "1", "5", "10"}
