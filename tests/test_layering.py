@@ -15,8 +15,10 @@ def imported_modules(package: str) -> set[tuple[str, str]]:
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
             elif isinstance(node, ast.ImportFrom) and node.level > 0:
-                # A relative import climbing out of the package could reach the other one.
-                names = ["loraplane." + (node.module or "")] if node.level > 1 else []
+                # Resolve against the file's own package, so a climb out of it is seen.
+                parts = ["loraplane", *path.relative_to(SRC).parent.parts]
+                anchor = parts[: len(parts) - (node.level - 1)]
+                names = [".".join([*anchor, node.module] if node.module else anchor)]
             else:
                 continue
             found.update((name, str(path.relative_to(SRC))) for name in names)
@@ -37,6 +39,44 @@ def test_operator_never_imports_torch():
     bad = {
         (name, where)
         for name, where in imported_modules("operator")
-        if name.split(".")[0] in heavy or name.startswith("loraplane.runtime")
+        if name.split(".")[0] in heavy
+        or name == "loraplane.runtime"
+        or name.startswith("loraplane.runtime.")
     }
     assert not bad, f"operator imports the runtime side: {sorted(bad)}"
+
+
+# The operator's logic: decisions on plain data, unit-tested without a cluster or a pod.
+PURE_OPERATOR_MODULES = (
+    "names",
+    "config",
+    "manifests",
+    "adaptersync",
+    "status",
+    "pods",
+    "rates",
+    "autoscaler",
+)
+SIDE_EFFECTS = {"kopf", "kubernetes", "httpx", "prometheus_client.exposition"}
+
+
+def test_pure_operator_modules_touch_no_cluster_no_pod():
+    bad = {
+        (name, where)
+        for name, where in imported_modules("operator")
+        if Path(where).stem in PURE_OPERATOR_MODULES
+        and Path(where).parent.name == "operator"
+        and (name.split(".")[0] in SIDE_EFFECTS or name in SIDE_EFFECTS)
+    }
+    assert not bad, f"pure operator modules with side effects: {sorted(bad)}"
+
+
+def test_only_handlers_and_main_import_kopf():
+    bad = {
+        (name, where)
+        for name, where in imported_modules("operator")
+        if name.split(".")[0] == "kopf"
+        and not where.startswith("operator/handlers/")
+        and where != "operator/__main__.py"
+    }
+    assert not bad, f"kopf outside handlers/: {sorted(bad)}"

@@ -1,0 +1,107 @@
+"""BaseModelDeployment -> Deployment, Service, PDB, Secret: what a runtime pod is given."""
+
+from __future__ import annotations
+
+from loraplane.api import BaseModelDeployment
+from loraplane.api.wire import ADMIN_TOKEN_ENV, READINESS_GATE
+from loraplane.operator import manifests, names
+from loraplane.operator.config import OperatorConfig
+
+CONFIG = OperatorConfig(runtime_image="example/runtime:1", runtime_shutdown_seconds=30)
+
+
+def bmd(**spec) -> BaseModelDeployment:
+    return BaseModelDeployment.model_validate(
+        {
+            "metadata": {"name": "mistral", "namespace": "team-a", "uid": "u-1", "generation": 3},
+            "spec": {
+                "model": {"source": "hf://org/mistral", "revision": "v2", "dtype": "Float16"},
+                **spec,
+            },
+        }
+    )
+
+
+def flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_the_runtime_command_carries_every_sizing_knob() -> None:
+    b = bmd(maxAdapters=16, maxCpuAdapters=64, maxLoraRank=32, maxBatchTokens=4096)
+    args = manifests.runtime_args(b, CONFIG)
+    assert args[0] == "loraplane-runtime"
+    assert flag(args, "--model") == "hf://org/mistral@v2"
+    assert flag(args, "--dtype") == "float16" and flag(args, "--device") == "cuda"
+    assert flag(args, "--host") == "$(POD_IP)" and flag(args, "--port") == "8000"
+    assert (flag(args, "--max-adapters"), flag(args, "--max-cpu-adapters")) == ("16", "64")
+    assert (flag(args, "--max-lora-rank"), flag(args, "--max-batch-tokens")) == ("32", "4096")
+    assert flag(args, "--served-model-name") == "mistral"
+    assert "$(POD_NAME)" in flag(args, "--cache-dir")
+
+
+def test_cpu_replicas_run_float32_without_a_gpu_limit() -> None:
+    b = bmd(runtime={"resources": {"gpus": 0}})
+    args = manifests.runtime_args(b, CONFIG)
+    assert flag(args, "--device") == "cpu" and flag(args, "--dtype") == "float32"
+    container = manifests.deployment(b, CONFIG, 1)["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in str(container.get("resources"))
+
+
+def test_the_deployment_surges_gates_and_drains() -> None:
+    b = bmd(
+        runtime={
+            "image": "mine:2",
+            "env": [{"name": "HF_HOME", "value": "/cache"}, {"name": "POD_IP", "value": "evil"}],
+            "resources": {"gpus": 2, "requests": {"cpu": "4", "memory": "32Gi"}},
+        },
+        scheduling={
+            "nodeSelector": {"gpu": "h100"},
+            "tolerations": [{"key": "gpu", "operator": "Exists"}],
+        },
+    )
+    d = manifests.deployment(b, CONFIG, replicas=3)
+    spec = d["spec"]
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    assert spec["replicas"] == 3
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert spec["selector"]["matchLabels"] == names.selector_labels("mistral")
+    assert pod["readinessGates"] == [{"conditionType": READINESS_GATE}]
+    assert pod["terminationGracePeriodSeconds"] > CONFIG.runtime_shutdown_seconds
+    assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"][0]["key"] == "gpu"
+    assert container["image"] == "mine:2"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert container["resources"]["requests"] == {"cpu": "4", "memory": "32Gi"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"  # not "evil"
+    assert env[ADMIN_TOKEN_ENV]["valueFrom"]["secretKeyRef"]["name"] == "mistral-admin"
+    assert env["HF_HOME"]["value"] == "/cache"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    annotations = spec["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    owner = d["metadata"]["ownerReferences"][0]
+    assert owner["uid"] == "u-1" and owner["controller"] is True
+
+
+def test_the_default_image_is_the_operators_and_rendering_is_deterministic() -> None:
+    b = bmd()
+    one = manifests.children(b, CONFIG, 2)
+    assert one == manifests.children(b, CONFIG, 2)
+    assert one[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "example/runtime:1"
+    kinds = [c["kind"] for c in one]
+    assert kinds == ["Deployment", "Service", "PodDisruptionBudget"]
+    assert all(c["metadata"]["namespace"] == "team-a" for c in one)
+
+
+def test_service_endpoint_and_secret() -> None:
+    b = bmd(runtime={"port": 9000})
+    svc = manifests.service(b)
+    assert svc["spec"]["selector"] == names.selector_labels("mistral")
+    assert svc["spec"]["ports"][0]["port"] == 9000
+    assert manifests.endpoint(b) == "http://mistral.team-a.svc:9000"
+    secret = manifests.admin_secret(b, "tok")
+    assert secret["metadata"]["name"] == "mistral-admin" and secret["stringData"] == {
+        "token": "tok"
+    }
+    assert manifests.new_admin_token() != manifests.new_admin_token()
