@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import socket
 import threading
 import time
@@ -119,6 +120,24 @@ class Guard:
                     f"{redact_source(url)} resolves to {address}, a link-local or metadata "
                     "address this runtime does not fetch from; use --allow-source-cidr to allow it"
                 )
+
+
+class RedactUrls(logging.Filter):
+    """httpx logs every request's full URL at INFO: presigned queries and passwords included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                redact_source(str(a)) if type(a).__name__ == "URL" else a for a in record.args
+            )
+        return True
+
+
+def redact_client_logs() -> None:
+    """Install RedactUrls on the HTTP client's logger, once per process."""
+    logger = logging.getLogger("httpx")
+    if not any(isinstance(f, RedactUrls) for f in logger.filters):
+        logger.addFilter(RedactUrls())
 
 
 def storage_error(e: OSError, what: str) -> AdapterError | None:

@@ -30,7 +30,12 @@ from loraplane.runtime.adapters.errors import (
     SourceUnreachable,
     TooManyFetches,
 )
-from loraplane.runtime.adapters.guard import FetchLimits, Guard, storage_error
+from loraplane.runtime.adapters.guard import (
+    FetchLimits,
+    Guard,
+    redact_client_logs,
+    storage_error,
+)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MODEL_PATTERNS = ("*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model")
@@ -51,6 +56,7 @@ class Fetcher:
 
     def __post_init__(self) -> None:
         self._slots = threading.BoundedSemaphore(self.max_concurrent)
+        redact_client_logs()
 
     def fetch(
         self,
