@@ -8,9 +8,13 @@ PY := $(VENV)/bin/python
 # Binaries of the local control plane are cached outside the clone so CI and
 # later sessions reuse them; the cluster's state (certs, etcd, logs) stays in .cache/.
 export LORAPLANE_CACHE ?= $(HOME)/.cache/loraplane
+include e2e/cluster/versions.env
+HELM := $(LORAPLANE_CACHE)/bin/helm-$(HELM_VERSION)/helm
+CHART := charts/loraplane
 
 .PHONY: help install test test-slow test-gpu lint typecheck crds verify demo \
-        cluster-bins cluster-up cluster-down kubeconfig kubectl bench-cpu bench-gpu e2e clean
+        cluster-bins cluster-up cluster-down kubeconfig kubectl bench-cpu bench-gpu e2e clean \
+        up down helm-lint
 
 help: ## List every target
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,8 +46,15 @@ typecheck: install ## Type-check src/ with mypy
 crds: install ## Generate crds/*.yaml and the chart's copy from the pydantic models
 	$(PY) -m loraplane.api.crdgen --out crds --chart charts/loraplane/crds
 
-verify: install ## Fail when generated files (CRDs, chart copy) drift from the models
+verify: install ## Fail when generated files (CRDs, chart copy) drift from the models; lint the chart
 	$(PY) -m loraplane.api.crdgen --out crds --chart charts/loraplane/crds --check
+	@if [[ -x "$(HELM)" ]]; then $(MAKE) -s helm-lint; \
+	else echo "verify: helm is not built, so the chart was not linted (make cluster-bins)"; fi
+
+helm-lint: ## Lint the chart strictly: defaults, namespaced standalone, and the local values
+	$(HELM) lint --strict --quiet $(CHART)
+	$(HELM) lint --strict --quiet $(CHART) --set 'watchNamespaces={team-a}' --set leaderElection.enabled=false
+	$(HELM) lint --strict --quiet $(CHART) --values e2e/cluster/values-local.yaml
 
 demo: install ## Run the main job: the runtime serving an embedded tiny model with hot-loaded adapters
 	$(PY) -m loraplane.demo
@@ -55,6 +66,14 @@ cluster-up: install cluster-bins ## Start the local control plane on 127.0.0.1 (
 	e2e/cluster/cluster.sh up
 
 cluster-down: ## Stop the local control plane, leaving no processes
+	e2e/cluster/cluster.sh down
+
+up: install cluster-bins ## Local control plane + the operator installed by the chart, Ready (idempotent)
+	e2e/cluster/cluster.sh up
+	e2e/cluster/cluster.sh operator-up
+
+down: ## Uninstall the operator and stop the local control plane, leaving no process
+	e2e/cluster/cluster.sh operator-down
 	e2e/cluster/cluster.sh down
 
 kubeconfig: ## Print the absolute path of the local cluster's admin kubeconfig
