@@ -333,3 +333,61 @@ def test_operator_restart_loses_nothing(kube: Kube, fleet: dict) -> None:
     assert "loraplane_operator_syncs_total" in wait_for(op.metrics, 30, "operator metrics")
     log = op.log.read_text()
     assert "Forbidden" not in log and " 401" not in log and "Traceback" not in log, log[-4000:]
+
+
+def test_changing_the_base_keeps_old_pods_serving_until_adapters_fit(
+    kube: Kube, fleet: dict, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The new base refuses the adapters: its pod never opens its gate, the old pod serves,
+    the adapters say why and the deployment names them; deleting them finishes the rollout."""
+    from loraplane.runtime.tiny import TinyModelSpec, build_model
+
+    ns = fleet["ns"]
+    other = build_model(
+        tmp_path_factory.mktemp("other-base") / "smaller", TinyModelSpec(num_hidden_layers=1)
+    )
+    old_pod = runtime_pods(kube, ns)[0]
+    kube.kubectl(
+        "patch",
+        "bmd",
+        BASE,
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"model": {"source": f"file://{other}"}}}),
+    )
+
+    def refused_by_new_base() -> dict | None:
+        obj = kube.get_json("lora", "sql-expert", "-n", ns)
+        return obj if condition(obj, "Compatible").get("status") == "False" else None
+
+    obj = wait_for(refused_by_new_base, 240, "sql-expert Compatible=False on the new base's pod")
+    assert condition(obj, "Compatible")["reason"] == "Incompatible"
+    bmd = wait_for(
+        lambda: (
+            (b := kube.get_json("bmd", BASE, "-n", ns))
+            and condition(b, "Degraded").get("status") == "True"
+            and b
+        ),
+        60,
+        "Degraded naming the adapters",
+    )
+    assert "sql-expert" in condition(bmd, "Degraded")["message"]
+    pods = runtime_pods(kube, ns)
+    new = [p for p in pods if p["metadata"]["name"] != old_pod["metadata"]["name"]]
+    assert new and not any(is_ready(p) for p in new), "the new base's pod must stay out of service"
+    assert is_ready(kube.get_json("pod", old_pod["metadata"]["name"], "-n", ns))
+    assert complete_text(old_pod, "sql-expert")  # the old pod still serves the adapter
+
+    kube.kubectl("delete", "lora", "--all", "-n", ns, "--wait=true", timeout=90)
+
+    def rolled_out() -> bool:
+        pods = runtime_pods(kube, ns)
+        return (
+            len(pods) == 1
+            and pods[0]["metadata"]["name"] != old_pod["metadata"]["name"]
+            and is_ready(pods[0])
+        )
+
+    wait_for(rolled_out, 180, "the rollout to finish once nothing refuses the new base")
