@@ -7,8 +7,9 @@ that runs twice (or after a restart) finds and updates the same objects.
 from loraplane.api import GROUP
 
 FIELD_MANAGER = "loraplane-operator"
-FINALIZER = f"{GROUP}/unload"
-"""On a LoraAdapter: held until the adapter is unloaded from every pod that holds it."""
+FINALIZER = f"{GROUP}/cleanup"
+"""kopf's finalizer: on a LoraAdapter, held until every pod unloaded it; on a
+BaseModelDeployment, until its fleet's daemon has stopped."""
 
 # Labels on every child and on the runtime pods.
 LABEL_NAME = "app.kubernetes.io/name"
