@@ -168,8 +168,8 @@ def _idle(spec: AutoscalingSpec, current: int, load: FleetLoad, demand: _Demand)
 def _to_zero(spec: AutoscalingSpec, current: int, load: FleetLoad) -> Decision:
     if current == 0:
         message = (
-            f"at zero, no requests for {load.idle_seconds:.0f}s; a request held by the router, "
-            "kubectl scale or minReplicas >= 1 brings a replica back"
+            f"at zero, no requests for {load.idle_seconds:.0f}s; a request held by the router "
+            "or minReplicas >= 1 brings a replica back"
         )
     else:
         message = (
