@@ -479,3 +479,15 @@ def test_link_local_is_refused_before_any_connection_unless_allowed(monkeypatch)
     Guard(allowed, "x").check_host("http://metadata.internal/a.zip")
     assert FetchLimits().denies("::ffff:169.254.169.254")  # v4-mapped v6 is the same host
     assert not FetchLimits().denies("127.0.0.1")
+
+
+def test_every_refusal_kind_is_a_wire_error_code():
+    # The operator turns error.code into conditions: a code it cannot parse is a code lost.
+    from loraplane.runtime.adapters import errors
+
+    kinds = {
+        cls.kind
+        for cls in vars(errors).values()
+        if isinstance(cls, type) and issubclass(cls, errors.AdapterError)
+    }
+    assert kinds <= {c.value for c in AdapterErrorCode}, kinds - set(AdapterErrorCode)
