@@ -313,6 +313,38 @@ def test_a_replaced_pod_takes_traffic_only_with_its_adapters(kube: Kube, fleet: 
     wait_for(lambda: adapter_ready(kube, ns, "sql-expert", 2), 60, "sql-expert on both pods")
 
 
+def test_a_restarted_runtime_serves_again_only_with_its_adapters(kube: Kube, fleet: dict) -> None:
+    """kill -9 of the runtime: the pod comes back empty, so its gate closes, and it is Ready
+    again only once it holds its adapters (nothing else resets a custom gate)."""
+    ns = fleet["ns"]
+    pod = runtime_pods(kube, ns)[0]
+    name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
+    pids = subprocess.run(
+        ["pgrep", "-f", f"loraplane-runtime .*--host {ip} "],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    assert pids, f"no runtime process bound to {ip}"
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    seen_not_ready = []
+
+    def back() -> dict | None:
+        p = kube.get_json("pod", name, "-n", ns)
+        restarts = p["status"]["containerStatuses"][0].get("restartCount", 0)
+        if not is_ready(p):
+            seen_not_ready.append(True)
+            return None
+        return p if restarts >= 1 else None
+
+    p = wait_for(back, 180, f"{name} Ready again after its runtime was killed")
+    assert seen_not_ready, "the pod never left service"
+    # Ready again means it holds its adapters again: checked at once, not after a while.
+    assert {"sql-expert", "support-bot"} <= set(held(kube, ns, p))
+    assert condition(p, READINESS_GATE)["status"] == "True"
+
+
 def test_scaling_out_and_in(kube: Kube, fleet: dict) -> None:
     ns = fleet["ns"]
     kube.kubectl("scale", "bmd", BASE, "-n", ns, "--replicas=3")

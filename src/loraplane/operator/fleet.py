@@ -55,7 +55,6 @@ class PodMemory:
     actual: dict[str, AdapterInfo] = field(default_factory=dict)
     failures: dict[str, Failure] = field(default_factory=dict)
     measured_at: float = 0.0
-    gate_opened: bool = False  # this process saw this incarnation's gate open
 
 
 @dataclass
@@ -86,6 +85,8 @@ class Fleet:
         self.children_dirty = True  # apply children on the first pass
         self.applied: tuple[int, int] | None = None  # (generation, replicas) last applied
         self.memory: dict[str, PodMemory] = {}  # pod name ->
+        # pod name -> the runtime incarnation whose gate this process saw open
+        self.gate_seen: dict[str, tuple[Any, ...]] = {}
         self.written: dict[str, dict[str, Any]] = {}  # adapter name -> status last written
         self.token: str | None = None
         self.desired_replicas: int | None = None  # set by the autoscaler when it is on
@@ -126,11 +127,13 @@ class Fleet:
         live = {p.name for p in pods}
         for gone in set(self.memory) - live:
             del self.memory[gone]
+        for gone in set(self.gate_seen) - live:
+            del self.gate_seen[gone]
         targets = [p for p in pods if p.serving_capable]
         desired, blocked = self._desired(world.adapters)
 
         await asyncio.gather(*(self._sync_pod(p, desired) for p in targets))
-        await self._gates(targets, desired)
+        await self._gates(pods, targets, desired)
         ready, failing = await self._report_adapters(world.adapters, targets, desired, blocked)
         self.metrics.pods_out_of_sync.labels(namespace=self.namespace, base=self.name).set(
             sum(
@@ -259,12 +262,23 @@ class Fleet:
     # ---- readiness gates ------------------------------------------------------------------
 
     async def _gates(
-        self, targets: Sequence[RuntimePod], desired: Mapping[str, DesiredAdapter]
+        self,
+        pods: Sequence[RuntimePod],
+        targets: Sequence[RuntimePod],
+        desired: Mapping[str, DesiredAdapter],
     ) -> None:
+        now = datetime.now(UTC).replace(microsecond=0)
+        # Close first, on every pod: a runtime that died must not come back Ready and empty.
+        stale = {p.name for p in pods if p.gate and self._gate_stale(p)}
+        for pod in pods:
+            if pod.name in stale:
+                message = "the runtime restarted and lost its adapters"
+                await self._set_gate(pod, False, "RuntimeRestarted", message, now)
+                self.gate_seen.pop(pod.name, None)
         views = {
             p.name: GateView(
                 p.name,
-                bool(p.gate) and not self._gate_stale(p),
+                bool(p.gate) and p.name not in stale,
                 self._mem(p).actual,
                 self._mem(p).failures,
             )
@@ -272,34 +286,24 @@ class Fleet:
         }
         wanted = list(desired.values())
         required = adaptersync.established(wanted, views.values())
-        now = datetime.now(UTC).replace(microsecond=0)
         for pod in targets:
             view = views[pod.name]
-            if pod.gate and self._gate_stale(pod):
-                await self._set_gate(
-                    pod,
-                    False,
-                    "RuntimeRestarted",
-                    "the runtime restarted and lost its adapters",
-                    now,
-                )
-                continue
             if view.open:
-                self._mem(pod).gate_opened = True
+                self.gate_seen[pod.name] = pod.incarnation
                 continue
             ok, why = adaptersync.gate_may_open(view, wanted, required)
             if ok:
                 held = sum(1 for d in wanted if d.held_by(view.actual.get(d.served_name)))
                 message = f"holds {held} of {len(wanted)} adapters, every one the fleet serves"
                 if await self._set_gate(pod, True, "AdaptersLoaded", message, now):
-                    self._mem(pod).gate_opened = True
-            elif pod.gate is None:
+                    self.gate_seen[pod.name] = pod.incarnation
+            elif pod.gate is None:  # say why it waits, once
                 await self._set_gate(pod, False, "LoadingAdapters", why, now)
 
     def _gate_stale(self, pod: RuntimePod) -> bool:
-        mem = self.memory.get(pod.name)
-        restarted_here = mem is not None and mem.incarnation != pod.incarnation and mem.gate_opened
-        return restarted_here or adaptersync.gate_is_stale(pod.gate_since, pod.container_started)
+        seen = self.gate_seen.get(pod.name)
+        restarted = seen is not None and seen != pod.incarnation
+        return restarted or adaptersync.gate_is_stale(pod.gate_since, pod.container_started)
 
     async def _set_gate(
         self, pod: RuntimePod, open_: bool, reason: str, message: str, now: datetime
