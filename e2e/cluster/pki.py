@@ -16,7 +16,7 @@ class Leaf:
 
 
 # Client certificates whose subjects match the built-in RBAC bindings, plus the operator's
-# own user that gets only the ClusterRole in operator-rbac.yaml.
+# own user, bound only to the chart's ClusterRole (chart.py).
 LEAVES = (
     Leaf(
         "apiserver",
