@@ -52,9 +52,9 @@ verify: install ## Fail when generated files (CRDs, chart copy) drift from the m
 	else echo "verify: helm is not built, so the chart was not linted (make cluster-bins)"; fi
 
 helm-lint: ## Lint the chart strictly: defaults, namespaced standalone, and the local values
-	$(HELM) lint --strict --quiet $(CHART)
-	$(HELM) lint --strict --quiet $(CHART) --set 'watchNamespaces={team-a}' --set leaderElection.enabled=false
-	$(HELM) lint --strict --quiet $(CHART) --values e2e/cluster/values-local.yaml
+	$(HELM) lint --strict --quiet --kube-version $(K8S_VERSION) $(CHART)
+	$(HELM) lint --strict --quiet --kube-version $(K8S_VERSION) $(CHART) --set 'watchNamespaces={team-a}' --set leaderElection.enabled=false
+	$(HELM) lint --strict --quiet --kube-version $(K8S_VERSION) $(CHART) --values e2e/cluster/values-local.yaml
 
 demo: install ## Run the main job: the runtime serving an embedded tiny model with hot-loaded adapters
 	$(PY) -m loraplane.demo

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .paths import HERE, REPO
+from .paths import HERE, REPO, versions
 
 if TYPE_CHECKING:
     from .controlplane import ControlPlane
@@ -45,7 +45,9 @@ def helm(cp: ControlPlane, *args: str, timeout: float = 300) -> subprocess.Compl
 
 def render(helm_bin: Path, release: str, *args: str) -> str:
     """`helm template` of the chart, offline (no cluster needed); YAML text."""
-    argv = [str(helm_bin), "template", release, str(CHART), *args]
+    # The cluster's version, whatever helm was built to assume (the chart asks for >= 1.30).
+    kube_version = versions()["K8S_VERSION"]
+    argv = [str(helm_bin), "template", release, str(CHART), f"--kube-version={kube_version}", *args]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         raise ChartError(f"helm template {release} {' '.join(args)} failed:\n{proc.stderr.strip()}")

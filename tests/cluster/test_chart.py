@@ -87,7 +87,7 @@ def validate(docs: list[dict]) -> None:
 
 @pytest.mark.parametrize("values", VARIANTS.values(), ids=VARIANTS.keys())
 def test_lint_strict(helm_bin: Path, values: list[str]) -> None:
-    out = helm(helm_bin, "lint", "--strict", str(chart.CHART), *values)
+    out = helm(helm_bin, "lint", "--strict", f"--kube-version={K8S}", str(chart.CHART), *values)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -119,7 +119,13 @@ def test_operator_env_is_what_the_operator_reads(helm_bin: Path) -> None:
     assert config.runtime_command == ("loraplane-runtime",)
     assert (config.metrics_port, config.health_port) == (8080, 8081)
     defaults = OperatorConfig()
-    for field in ("sync_concurrency", "resync_seconds", "load_timeout_seconds", "cache_root"):
+    for field in (
+        "sync_concurrency",
+        "resync_seconds",
+        "autoscale_seconds",
+        "load_timeout_seconds",
+        "cache_root",
+    ):
         assert getattr(config, field) == getattr(defaults, field), field
 
 
@@ -188,7 +194,7 @@ BAD = {
 
 @pytest.mark.parametrize("values,message", BAD.values(), ids=BAD.keys())
 def test_bad_values_are_refused_readably(helm_bin: Path, values: list[str], message: str) -> None:
-    out = helm(helm_bin, "template", "lp", str(chart.CHART), *values)
+    out = helm(helm_bin, "template", "lp", str(chart.CHART), f"--kube-version={K8S}", *values)
     assert out.returncode != 0, out.stdout[:500]
     assert message in out.stderr, out.stderr
 
