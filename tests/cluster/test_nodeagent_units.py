@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import subprocess
 
+import pytest
+from e2e.cluster import podnet
 from e2e.cluster.podnet import RESERVED, fallback, parse_prefixes, pick
 from e2e.nodeagent.container import Backoff
 from e2e.nodeagent.envvars import expand
@@ -120,3 +123,71 @@ def test_stop_kills_a_process_that_ignores_sigterm_after_the_grace(tmp_path) -> 
     assert 0.9 <= took < 5, took
     assert c.terminated is not None and c.terminated["exitCode"] == 137  # 128 + SIGKILL
     assert not c.running and not c.pidfile.exists()
+
+
+class FakeIp:
+    """`ip` as podnet calls it: routes in a list; `add` answers as the kernel would."""
+
+    def __init__(self, routes: list[str], refuse: str = "") -> None:
+        self.routes = routes
+        self.refuse = refuse  # stderr of every `route add`, if it must fail
+        self.added: list[str] = []
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        def done(rc: int = 0, out: str = "", err: str = "") -> subprocess.CompletedProcess[str]:
+            return subprocess.CompletedProcess(["ip", *args], rc, out, err)
+
+        if args[:2] == ("route", "add"):
+            net = args[3]
+            if self.refuse:
+                return done(2, err=self.refuse)
+            if any(r.startswith(f"local {net} ") for r in self.routes):
+                return done(2, err="RTNETLINK answers: File exists")
+            self.routes.append(f"local {net} dev lo scope host")
+            self.added.append(net)
+            return done()
+        if args[:2] == ("route", "del"):
+            self.routes = [r for r in self.routes if not r.startswith(f"local {args[3]} ")]
+            return done()
+        if "route" in args:  # show: every route, or the one asked for
+            wanted = args[-1] if args[-1][0].isdigit() else ""
+            return done(out="\n".join(r for r in self.routes if wanted in r))
+        return done()  # addr show: nothing
+
+
+def test_pod_network_route_is_added_reused_and_removed(tmp_path, monkeypatch) -> None:
+    key = "clone|https://127.0.0.1:26443"
+    first = podnet.pick(key, [])[0]
+    # Another clone won the race for our first choice after we listed the routes.
+    ip = FakeIp([])
+    monkeypatch.setattr(podnet, "_used", lambda: [])
+    ip.routes.append(f"local {first} dev lo scope host")
+    monkeypatch.setattr(podnet, "_ip", ip)
+    monkeypatch.setattr(podnet, "why_not_routable", lambda: "")
+    net = podnet.setup(tmp_path, key)
+    assert net.routed and net.network != first and ip.added == [net.cidr]
+    assert podnet.load(tmp_path) == net
+    assert podnet.setup(tmp_path, key) == net and ip.added == [net.cidr]  # reused, not re-added
+    podnet.teardown(tmp_path)
+    assert not any(net.cidr in r for r in ip.routes) and podnet.load(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    "reason,refuse",
+    [
+        ("not root: `ip route add local 10.X.0.0/16 dev lo` needs CAP_NET_ADMIN", ""),
+        ("", "RTNETLINK answers: Operation not permitted"),
+    ],
+    ids=["not-root", "no-cap-net-admin"],
+)
+def test_pod_network_falls_back_to_loopback_saying_why(
+    tmp_path, monkeypatch, reason: str, refuse: str
+) -> None:
+    ip = FakeIp([], refuse=refuse)
+    monkeypatch.setattr(podnet, "_ip", ip)
+    monkeypatch.setattr(podnet, "_used", lambda: [])
+    monkeypatch.setattr(podnet, "why_not_routable", lambda: reason)
+    net = podnet.setup(tmp_path, "clone|https://127.0.0.1:26443")
+    assert not net.routed and net.network.subnet_of(ipaddress.IPv4Network("127.0.0.0/8"))
+    assert (reason or refuse) in net.reason and not ip.added
+    podnet.teardown(tmp_path)  # nothing to remove, and no error
