@@ -91,7 +91,7 @@ def test_the_admin_api_is_never_open_by_accident(tmp_path):
     assert "169.254.0.0/16" in limits.deny_source_cidrs
     with pytest.raises(ValueError, match="not a CIDR"):
         parse_args(
-            ["--model", "/m", "--device", "cpu", "--allow-source-cidr", "x"],
+            ["--model", "/m", "--allow-unauthenticated-admin", "--allow-source-cidr", "x"],
             environ={},
         )
 
