@@ -230,3 +230,45 @@ class ErrorBody(_Wire):
     """The body of any admin API refusal (OpenAI's error shape)."""
 
     error: ErrorDetail
+
+
+# ---- the router ---------------------------------------------------------------------------
+# The operator deploys one router per BaseModelDeployment (docs/router.md) and renders its
+# environment from these names; the router reads them in loraplane.router.config.
+ROUTER_NAMESPACE_ENV = "LORAPLANE_ROUTER_NAMESPACE"
+ROUTER_BASE_ENV = "LORAPLANE_ROUTER_BASE"
+"""The BaseModelDeployment the router serves, in its namespace."""
+ROUTER_POD_SELECTOR_ENV = "LORAPLANE_ROUTER_POD_SELECTOR"
+"""Label selector of the base's runtime pods (the operator's, as status.selector shows it)."""
+ROUTER_HOST_ENV = "LORAPLANE_ROUTER_HOST"
+ROUTER_PORT_ENV = "LORAPLANE_ROUTER_PORT"
+ROUTER_METRICS_PORT_ENV = "LORAPLANE_ROUTER_METRICS_PORT"
+ROUTER_API_KEYS_SECRET_ENV = "LORAPLANE_ROUTER_API_KEYS_SECRET"
+
+ROUTER_METRICS_PORT = 9090
+"""The router's /metrics port: apart from the Service's port, so clients never see it."""
+API_KEYS_SUFFIX = "-api-keys"
+
+
+def api_keys_secret(base: str) -> str:
+    """The Secret whose values are the API keys clients of this base must send; while it
+    does not exist the router is open to every client that reaches it."""
+    return f"{base}{API_KEYS_SUFFIX}"
+
+
+# Router metric names (prometheus-client adds _total to a counter's samples). The label
+# `adapter` is the served name, or the base's name for requests to the base model.
+ROUTER_METRIC_HELD = "loraplane_router_held_requests"
+"""Gauge: requests the router holds because no ready pod can take them (a base at zero, or
+all its pods starting). The autoscaler's `held`: sum it over the base's router pods, and a
+base at zero with held > 0 must get a replica."""
+ROUTER_METRIC_REQUESTS = "loraplane_router_requests"
+ROUTER_METRIC_REQUESTS_TOTAL = "loraplane_router_requests_total"
+"""Counter: requests answered, by adapter and HTTP code (holds that timed out included)."""
+ROUTER_METRIC_IN_FLIGHT = "loraplane_router_requests_in_flight"
+"""Gauge: requests sent to pods and not finished."""
+ROUTER_METRIC_DURATION = "loraplane_router_request_duration_seconds"
+ROUTER_METRIC_UPSTREAM_ERRORS = "loraplane_router_upstream_errors"
+ROUTER_METRIC_ROUTED = "loraplane_router_routed"
+"""Counter: requests sent to a pod, by adapter and residency (hit: the pod holds the adapter
+by the operator's verified residency; fallback: no ready pod did)."""
