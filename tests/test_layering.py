@@ -56,6 +56,7 @@ PURE_OPERATOR_MODULES = (
     "pods",
     "rates",
     "autoscaler",
+    "bodies",
 )
 SIDE_EFFECTS = {"kopf", "kubernetes", "httpx", "prometheus_client.exposition"}
 

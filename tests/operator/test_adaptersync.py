@@ -159,3 +159,41 @@ def test_a_container_started_after_the_gate_opened_makes_the_gate_stale() -> Non
     assert not gate_is_stale(t1, t0)
     assert not gate_is_stale(t0, t0)  # one second resolution: opened as it started
     assert not gate_is_stale(None, t1)
+
+
+def test_the_older_adapter_keeps_a_contested_served_name() -> None:
+    from loraplane.operator.bodies import desired_adapters
+    from loraplane.operator.status import Reason
+
+    def body(name: str, created: str, **spec) -> dict:
+        return {
+            "metadata": {"name": name, "creationTimestamp": created, "generation": 1},
+            "spec": {"baseModel": "b", "source": f"file:///a/{name}", **spec},
+        }
+
+    desired, blocked = desired_adapters(
+        [
+            body("new", "2026-01-02T00:00:00Z", servedName="shared"),
+            body("old", "2026-01-01T00:00:00Z", servedName="shared"),
+            body("solo", "2026-01-03T00:00:00Z"),
+            {
+                **body("gone", "2026-01-01T00:00:00Z"),
+                "metadata": {"name": "gone", "deletionTimestamp": "x"},
+            },
+        ],
+        "b",
+    )
+    assert set(desired) == {"shared", "solo"} and desired["shared"].name == "old"
+    assert blocked["new"][0] == Reason.SERVED_NAME_CONFLICT and "'old'" in blocked["new"][1]
+
+
+def test_a_pod_reporting_a_redacted_source_holds_the_adapter() -> None:
+    a = want("a", "https://host.example/adapters/a?X-Amz-Signature=secret")
+    reported = AdapterInfo(
+        name="a",
+        source="https://host.example/adapters/a?***",
+        sha256=SHA,
+        state=RuntimeAdapterState.LOADED,
+    )
+    assert a.held_by(reported)
+    assert not plan_pod({"a": a}, {"a": reported}, {}, 0)

@@ -19,6 +19,7 @@ from loraplane.api.wire import (
     AdapterInfo,
     AdapterLoadRequest,
     RuntimeAdapterState,
+    redact_source,
 )
 
 BACKOFF_FIRST_SECONDS = 2.0
@@ -71,8 +72,10 @@ class DesiredAdapter:
         return info is not None and info.state == RuntimeAdapterState.LOADED and self.matches(info)
 
     def matches(self, info: AdapterInfo) -> bool:
+        # Pods report sources redacted (a presigned query is secret): compare in that form.
+        # A new query alone (a fresh presigned URL) is the same source; pin sha256 to tell.
         return (
-            info.source == self.source
+            info.source == redact_source(self.source)
             and info.revision == self.revision
             and (self.sha256 is None or (info.sha256 or "").lower() == self.sha256)
         )

@@ -19,6 +19,7 @@ ENV = {
     "LORAPLANE_HEALTH_PORT": "health_port",
     "LORAPLANE_SYNC_CONCURRENCY": "sync_concurrency",
     "LORAPLANE_RESYNC_SECONDS": "resync_seconds",
+    "LORAPLANE_AUTOSCALE_SECONDS": "autoscale_seconds",
     "LORAPLANE_RUNTIME_TIMEOUT_SECONDS": "runtime_timeout_seconds",
     "LORAPLANE_LOAD_TIMEOUT_SECONDS": "load_timeout_seconds",
     "LORAPLANE_RUNTIME_SHUTDOWN_SECONDS": "runtime_shutdown_seconds",
@@ -46,6 +47,8 @@ class OperatorConfig:
     """Pod calls in flight at once, over all pods (each pod gets at most one at a time)."""
     resync_seconds: float = 30.0
     """How often every base's pods are re-measured to repair drift."""
+    autoscale_seconds: float = 2.0
+    """How often each fleet's pods are scraped and the autoscaler decides."""
     runtime_timeout_seconds: float = 5.0
     """Per call to a pod's admin API, for GET and DELETE."""
     load_timeout_seconds: float = 300.0
@@ -64,7 +67,7 @@ class OperatorConfig:
             raise ValueError(
                 f"LORAPLANE_RESYNC_SECONDS must be at least 1, got {self.resync_seconds}"
             )
-        for name in ("runtime_timeout_seconds", "load_timeout_seconds"):
+        for name in ("runtime_timeout_seconds", "load_timeout_seconds", "autoscale_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{_env_name(name)} must be positive, got {getattr(self, name)}")
         for name in ("metrics_port", "health_port"):

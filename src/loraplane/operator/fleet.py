@@ -16,19 +16,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ValidationError
-
 from loraplane.api import (
     BASE_MODEL_DEPLOYMENT,
-    LORA_ADAPTER,
     BaseModelDeployment,
-    LoraAdapter,
-    LoraAdapterStatus,
+    ConditionStatus,
 )
 from loraplane.api.wire import ADMIN_TOKEN_KEY, AdapterInfo, credential_keys_for
 
 from . import adaptersync, manifests, names
 from .adaptersync import DesiredAdapter, Failure, GateView
+from .bodies import adapter_status_of, desired_adapters, served_name_of, strip
 from .config import OperatorConfig
 from .kube import Kube
 from .metrics import OperatorMetrics
@@ -42,6 +39,7 @@ from .status import (
     base_status,
     blocked_adapter_status,
 )
+from .statuswriter import StatusWriter
 
 log = logging.getLogger(__name__)
 SECRET_MISSING = "secret_not_found"
@@ -55,6 +53,15 @@ class PodMemory:
     actual: dict[str, AdapterInfo] = field(default_factory=dict)
     failures: dict[str, Failure] = field(default_factory=dict)
     measured_at: float = 0.0
+
+
+@dataclass
+class ScalingReport:
+    """What the autoscaler last measured and decided, for the base's status."""
+
+    rate: str | None  # status.requestRate
+    condition: tuple[ConditionStatus, str, str]  # ScalingActive: status, reason, message
+    last_scale_time: datetime | None = None
 
 
 @dataclass
@@ -87,9 +94,10 @@ class Fleet:
         self.memory: dict[str, PodMemory] = {}  # pod name ->
         # pod name -> the runtime incarnation whose gate this process saw open
         self.gate_seen: dict[str, tuple[Any, ...]] = {}
-        self.written: dict[str, dict[str, Any]] = {}  # adapter name -> status last written
+        self.writer = StatusWriter(kube, namespace)
         self.token: str | None = None
         self.desired_replicas: int | None = None  # set by the autoscaler when it is on
+        self.scaling: ScalingReport | None = None  # set by the autoscaler on every tick
         self.port = 8000  # the runtime's, from the spec at each sync
         self._lock = asyncio.Lock()  # one sync at a time; unload_everywhere waits for it
 
@@ -113,9 +121,9 @@ class Fleet:
                 self.metrics.sync_seconds.observe(time.monotonic() - started)
 
     async def _sync(self, world: World) -> None:
-        bmd = BaseModelDeployment.model_validate(_strip(world.base))
+        bmd = BaseModelDeployment.model_validate(strip(world.base))
         generation = bmd.metadata.generation or 0
-        replicas = self._replicas(bmd)
+        replicas = self.replicas_for(bmd)
         self.port = bmd.spec.runtime.port
         await self._ensure_token(bmd)
         if self.children_dirty or self.applied != (generation, replicas):
@@ -130,7 +138,7 @@ class Fleet:
         for gone in set(self.gate_seen) - live:
             del self.gate_seen[gone]
         targets = [p for p in pods if p.serving_capable]
-        desired, blocked = self._desired(world.adapters)
+        desired, blocked = desired_adapters(world.adapters, self.name)
 
         await asyncio.gather(*(self._sync_pod(p, desired) for p in targets))
         await self._gates(pods, targets, desired)
@@ -144,7 +152,8 @@ class Fleet:
         )
         await self._report_base(bmd, world, replicas, ready, failing)
 
-    def _replicas(self, bmd: BaseModelDeployment) -> int:
+    def replicas_for(self, bmd: BaseModelDeployment) -> int:
+        """The replica count to apply: spec.replicas, or the autoscaler's decision."""
         scaling = bmd.spec.autoscaling
         if scaling is None or not scaling.enabled:
             return bmd.spec.replicas
@@ -163,33 +172,6 @@ class Fleet:
             await self.kube.create(manifests.admin_secret(bmd, manifests.new_admin_token()))
             data = await self.kube.read_secret(self.namespace, secret_name)
         self.token = (data or {}).get(ADMIN_TOKEN_KEY)
-
-    def _desired(
-        self, adapters: Sequence[Mapping[str, Any]]
-    ) -> tuple[dict[str, DesiredAdapter], dict[str, tuple[Reason, str]]]:
-        """Served name -> adapter for every live adapter; blocked ones with their reason."""
-        desired: dict[str, DesiredAdapter] = {}
-        blocked: dict[str, tuple[Reason, str]] = {}
-        ordered = sorted(
-            (a for a in adapters if not a["metadata"].get("deletionTimestamp")),
-            key=lambda a: (a["metadata"].get("creationTimestamp") or "", a["metadata"]["name"]),
-        )
-        for body in ordered:
-            try:
-                want = DesiredAdapter.of(LoraAdapter.model_validate(_strip(body)))
-            except ValidationError as e:  # the API server validated it; a newer schema may not
-                blocked[body["metadata"]["name"]] = (Reason.LOAD_FAILED, f"invalid spec: {e}")
-                continue
-            holder = desired.get(want.served_name)
-            if holder is not None:
-                blocked[want.name] = (
-                    Reason.SERVED_NAME_CONFLICT,
-                    f"LoraAdapter {holder.name!r} of base {self.name!r} already serves "
-                    f"{want.served_name!r}; set a different spec.servedName",
-                )
-                continue
-            desired[want.served_name] = want
-        return desired, blocked
 
     def _mem(self, pod: RuntimePod) -> PodMemory:
         mem = self.memory.get(pod.name)
@@ -330,7 +312,7 @@ class Fleet:
             if meta.get("deletionTimestamp"):
                 continue
             name = meta["name"]
-            previous = _status(body)
+            previous = adapter_status_of(body)
             want = by_name.get(name)
             if want is None:
                 reason, message = blocked.get(name, (Reason.LOAD_FAILED, "not synced"))
@@ -356,53 +338,8 @@ class Fleet:
                 elif any(f.failure for f in facts):
                     failing.append(name)
             writes.append((body, previous, status))
-        await asyncio.gather(*(self._write_adapter(b, p, s) for b, p, s in writes))
+        await asyncio.gather(*(self.writer.write_adapter(b, p, s) for b, p, s in writes))
         return ready, failing
-
-    async def _write_adapter(
-        self, body: Mapping[str, Any], previous: LoraAdapterStatus | None, status: LoraAdapterStatus
-    ) -> None:
-        name = body["metadata"]["name"]
-        new = status.to_dict()
-        old = self.written.get(name) or (previous.to_dict() if previous else None)
-        if new == old:
-            return
-        await self.kube.patch_status(LORA_ADAPTER.plural, self.namespace, name, new)
-        self.written[name] = new
-        await self._events(body, previous, status)
-
-    async def _events(
-        self, body: Mapping[str, Any], previous: LoraAdapterStatus | None, status: LoraAdapterStatus
-    ) -> None:
-        """One Event per change an owner cares about: loaded somewhere new, failed, ready."""
-        obj = {**body, "apiVersion": body.get("apiVersion"), "kind": LORA_ADAPTER.kind}
-        before = {r.pod: r for r in (previous.replicas or [])} if previous else {}
-        newly_loaded = [
-            r.pod
-            for r in status.replicas or []
-            if r.state == "Loaded" and (r.pod not in before or before[r.pod].state != "Loaded")
-        ]
-        newly_failed = [
-            r
-            for r in status.replicas or []
-            if r.state == "Failed" and (r.pod not in before or before[r.pod].message != r.message)
-        ]
-        if newly_loaded:
-            await self.kube.event(
-                obj,
-                "Normal",
-                "Loaded",
-                f"loaded on {_pods(newly_loaded)} ({status.loaded} replicas)",
-            )
-        for row in newly_failed[:3]:
-            await self.kube.event(obj, "Warning", "LoadFailed", f"pod {row.pod}: {row.message}")
-        unloaded = [
-            p
-            for p, r in before.items()
-            if r.state == "Loaded" and p not in {x.pod for x in status.replicas or []}
-        ]
-        if unloaded:
-            await self.kube.event(obj, "Normal", "Unloaded", f"no longer held by {_pods(unloaded)}")
 
     async def _report_base(
         self, bmd: BaseModelDeployment, world: World, replicas: int, ready: int, failing: list[str]
@@ -429,6 +366,9 @@ class Fleet:
             failing_adapters=tuple(sorted(failing)),
             selector=names.selector_string(self.name),
             endpoint=manifests.endpoint(bmd),
+            request_rate=self.scaling.rate if self.scaling else None,
+            last_scale_time=self.scaling.last_scale_time if self.scaling else None,
+            scaling=self.scaling.condition if self.scaling else None,
         )
         status = base_status(facts, bmd.status)
         new, old = status.to_dict(), (bmd.status.to_dict() if bmd.status else None)
@@ -464,39 +404,3 @@ class Fleet:
                     if pod.containers_ready:  # a starting pod holds nothing yet
                         holding.append(f"{pod.name} ({e.message})")
         return holding
-
-
-def served_name_of(body: Mapping[str, Any]) -> str:
-    """A LoraAdapter body's served name: spec.servedName or metadata.name."""
-    return (body.get("spec") or {}).get("servedName") or body["metadata"]["name"]
-
-
-def _strip(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A resource as the API models read it: only the fields they know."""
-    meta = body.get("metadata") or {}
-    out: dict[str, Any] = {
-        "metadata": {
-            k: meta.get(k)
-            for k in ("name", "namespace", "uid", "generation", "resourceVersion")
-            if meta.get(k) is not None
-        },
-        "spec": body.get("spec") or {},
-    }
-    if body.get("status"):
-        out["status"] = body["status"]
-    return out
-
-
-def _status(body: Mapping[str, Any]) -> LoraAdapterStatus | None:
-    raw = body.get("status")
-    if not raw:
-        return None
-    try:
-        return LoraAdapterStatus.model_validate(raw)
-    except ValidationError:
-        return None  # written by an older operator: start over
-
-
-def _pods(pods: Sequence[str]) -> str:
-    shown = ", ".join(sorted(pods)[:5])
-    return shown + (f" and {len(pods) - 5} more" if len(pods) > 5 else "")

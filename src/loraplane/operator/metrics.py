@@ -44,3 +44,22 @@ class OperatorMetrics:
             ["namespace", "base"],
             registry=r,
         )
+        base = ["namespace", "base"]
+        self.request_rate = Gauge(
+            "loraplane_operator_request_rate",
+            "Requests per second over all replicas and adapters (stable window)",
+            base,
+            registry=r,
+        )
+        self.desired_replicas = Gauge(
+            "loraplane_operator_desired_replicas", "Replicas the operator wants", base, registry=r
+        )
+        self.replicas = Gauge(
+            "loraplane_operator_replicas", "Runtime pods serving-capable now", base, registry=r
+        )
+        self.scale_events = Counter(
+            "loraplane_operator_scale_events",
+            "Replica count changes the autoscaler made, by reason",
+            [*base, "reason"],
+            registry=r,
+        )

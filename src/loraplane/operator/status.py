@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 from loraplane.api import (
@@ -56,6 +57,7 @@ class Reason(StrEnum):
     REPLICA_FAILURE = "ReplicaFailure"
     ROLLOUT_STUCK = "RolloutStuck"
     AS_EXPECTED = "AsExpected"
+    AUTOSCALING_DISABLED = "AutoscalingDisabled"
 
 
 # ---- LoraAdapter -------------------------------------------------------------------------
@@ -194,6 +196,11 @@ class FleetFacts:
     failing_adapters: tuple[str, ...]  # adapters Compatible=False or failing to load
     selector: str
     endpoint: str
+    request_rate: str | None = None  # a quantity, from the autoscaler's scrapes
+    last_scale_time: datetime | None = None
+    scaling: tuple[ConditionStatus, str, str] | None = (
+        None  # ScalingActive: status, reason, message
+    )
 
 
 def base_status(
@@ -257,6 +264,11 @@ def base_status(
             Reason.WAITING_FOR_REPLICAS,
             f"{facts.ready_replicas} of {facts.desired_replicas} replicas ready",
         )
+    if facts.scaling is not None:
+        status_, reason, message = facts.scaling
+        conditions = set_condition(
+            conditions, BaseModelConditionType.SCALING_ACTIVE, status_, reason, message, gen
+        )
     stalled = facts.rollout_stuck or facts.replica_failure
     put(
         RECONCILING,
@@ -277,9 +289,9 @@ def base_status(
         ready_replicas=facts.ready_replicas,
         desired_replicas=facts.desired_replicas,
         selector=facts.selector,
-        request_rate=previous.request_rate if previous else None,
+        request_rate=facts.request_rate or (previous.request_rate if previous else None),
         adapters_ready=facts.adapters_ready,
         endpoint=facts.endpoint,
-        last_scale_time=previous.last_scale_time if previous else None,
+        last_scale_time=facts.last_scale_time or (previous.last_scale_time if previous else None),
         conditions=conditions,
     )

@@ -8,7 +8,7 @@ import kopf
 
 from loraplane.api import GROUP, LORA_ADAPTER, VERSION
 
-from ..fleet import served_name_of
+from ..bodies import served_name_of
 from ..status import Reason, blocked_adapter_status
 from .context import Context
 
@@ -81,7 +81,7 @@ async def unload_adapter(
     holding = await fleet.unload_everywhere(served, list(pods_by_base.get(key, [])), bool(others))
     if holding:
         raise kopf.TemporaryError(f"still loaded on {', '.join(holding)}", delay=5)
-    fleet.written.pop(name, None)
+    fleet.writer.forget(name)
     obj = {**body, "kind": LORA_ADAPTER.kind}
     await ctx.kube.event(
         obj, "Normal", "Unloaded", f"unloaded {served!r} from every pod of {base!r}"

@@ -10,6 +10,7 @@ from ..fleet import Fleet
 from ..kube import Kube
 from ..metrics import OperatorMetrics
 from ..runtimeclient import RuntimeClient
+from ..scaler import Scaler
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Context:
     metrics: OperatorMetrics
     pod_calls: asyncio.Semaphore
     fleets: dict[tuple[str, str], Fleet] = field(default_factory=dict)
+    scalers: dict[tuple[str, str], Scaler] = field(default_factory=dict)
 
     def fleet(self, namespace: str, name: str) -> Fleet:
         key = (namespace, name)
@@ -28,6 +30,13 @@ class Context:
                 namespace, name, self.kube, self.runtime, self.config, self.metrics, self.pod_calls
             )
         return self.fleets[key]
+
+    def scaler(self, namespace: str, name: str) -> Scaler:
+        key = (namespace, name)
+        fleet = self.fleet(namespace, name)
+        if key not in self.scalers or self.scalers[key].fleet is not fleet:
+            self.scalers[key] = Scaler(fleet)
+        return self.scalers[key]
 
     def poke(self, namespace: str | None, base: str | None, children: bool = False) -> None:
         fleet = self.fleets.get((namespace or "", base or ""))

@@ -112,3 +112,27 @@ async def run_fleet(
             await asyncio.sleep(0.05)
     finally:
         ctx.fleets.pop(key, None)
+
+
+@kopf.daemon(GROUP, VERSION, BASE_MODEL_DEPLOYMENT.plural, id="autoscaler", cancellation_timeout=10)
+async def run_autoscaler(
+    namespace: str,
+    name: str,
+    body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    memo: kopf.Memo,
+    pods_by_base: kopf.Index,
+    **_: Any,
+) -> None:
+    """Scrape the base's pods and decide its replica count every few seconds."""
+    ctx: Context = memo.ctx
+    key = (namespace, name)
+    try:
+        while not stopped:
+            try:
+                await ctx.scaler(namespace, name).tick(dict(body), list(pods_by_base.get(key, [])))
+            except Exception as e:  # the next tick measures again
+                log.exception("autoscaling %s/%s failed: %s", namespace, name, e)
+            await stopped.wait(ctx.config.autoscale_seconds)
+    finally:
+        ctx.scalers.pop(key, None)
