@@ -136,6 +136,8 @@ def start_server(base: Path, adapters: dict[str, Path], device: str, dtype: str,
         str(work / "cache"),
         "--log-level",
         "warning",
+        # Adapters are preloaded from the command line; nothing here uses the admin API.
+        "--allow-unauthenticated-admin",
     ]
     for name, path in adapters.items():
         args += ["--adapter", f"{name}={path}"]
