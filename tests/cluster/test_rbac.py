@@ -13,6 +13,7 @@ from e2e.cluster.testing import Kube
 
 ALL = frozenset({"get", "list", "watch", "create", "update", "patch", "delete"})
 READ = frozenset({"get", "list", "watch"})
+APPLY = frozenset({"get", "create", "update", "patch"})
 
 # What the operator does, resource by resource (issue 8). A change to the chart's rules that
 # is not a change here fails, and so does a right the operator gains without the chart.
@@ -28,6 +29,10 @@ IN_NAMESPACES = {
     ("apps", "deployments"): ALL,
     ("", "services"): ALL,
     ("policy", "poddisruptionbudgets"): ALL,
+    # Each base's router: its identity and its read-only rights, applied by server-side apply.
+    ("", "serviceaccounts"): APPLY,
+    ("rbac.authorization.k8s.io", "roles"): APPLY,
+    ("rbac.authorization.k8s.io", "rolebindings"): APPLY,
     # One admin-token Secret per deployment (garbage-collected by owner), LoraAdapters' secretRefs.
     ("", "secrets"): READ | {"create", "update", "patch"},
     ("", "pods"): READ,
@@ -131,6 +136,9 @@ ALLOWED = [
     ("create", "events"),
     ("update", "leases.coordination.k8s.io"),
     ("create", "poddisruptionbudgets.policy"),
+    ("patch", "roles.rbac.authorization.k8s.io"),
+    ("create", "rolebindings.rbac.authorization.k8s.io"),
+    ("patch", "serviceaccounts"),
     ("patch", "clusterkopfpeerings.kopf.dev"),
 ]
 DENIED = [
