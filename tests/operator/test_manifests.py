@@ -90,7 +90,9 @@ def test_the_default_image_is_the_operators_and_rendering_is_deterministic() -> 
     assert one == manifests.children(b, CONFIG, 2)
     assert one[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "example/runtime:1"
     kinds = [c["kind"] for c in one]
-    assert kinds == ["Deployment", "Service", "PodDisruptionBudget"]
+    runtime = ["Deployment", "Service", "PodDisruptionBudget"]
+    router = ["ServiceAccount", "Role", "RoleBinding", "Deployment", "Service"]  # routing.py
+    assert kinds == runtime + router
     assert all(c["metadata"]["namespace"] == "team-a" for c in one)
 
 
@@ -99,7 +101,7 @@ def test_service_endpoint_and_secret() -> None:
     svc = manifests.service(b)
     assert svc["spec"]["selector"] == names.selector_labels("mistral")
     assert svc["spec"]["ports"][0]["port"] == 9000
-    assert manifests.endpoint(b) == "http://mistral.team-a.svc:9000"
+    assert manifests.endpoint(b) == "http://mistral-router.team-a.svc:9000"  # the router's
     secret = manifests.admin_secret(b, "tok")
     assert secret["metadata"]["name"] == "mistral-admin" and secret["stringData"] == {
         "token": "tok"

@@ -28,6 +28,14 @@ _COLLECTIONS = {
     ("v1", "Service"): "/api/v1/namespaces/{ns}/services",
     ("v1", "Secret"): "/api/v1/namespaces/{ns}/secrets",
     ("policy/v1", "PodDisruptionBudget"): "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
+    # The router of each base (routing.py): its identity and its rights.
+    ("v1", "ServiceAccount"): "/api/v1/namespaces/{ns}/serviceaccounts",
+    ("rbac.authorization.k8s.io/v1", "Role"): (
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles"
+    ),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): (
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings"
+    ),
 }
 APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"

@@ -267,15 +267,21 @@ def disruption_budget(bmd: BaseModelDeployment) -> dict[str, Any]:
 
 
 def endpoint(bmd: BaseModelDeployment) -> str:
-    """The URL clients use inside the cluster."""
-    base = _name(bmd)
-    return (
-        f"http://{names.runtime_service(base)}.{bmd.metadata.namespace}.svc:{bmd.spec.runtime.port}"
-    )
+    """The URL clients use inside the cluster: the base's router (docs/router.md)."""
+    from . import routing  # routing renders with owner_reference from here
+
+    return routing.endpoint(bmd)
 
 
 def children(
     bmd: BaseModelDeployment, config: OperatorConfig, replicas: int
 ) -> list[dict[str, Any]]:
     """Everything applied for a BaseModelDeployment, in the order it is applied."""
-    return [deployment(bmd, config, replicas), service(bmd), disruption_budget(bmd)]
+    from . import routing  # routing renders with owner_reference from here
+
+    return [
+        deployment(bmd, config, replicas),
+        service(bmd),
+        disruption_budget(bmd),
+        *routing.children(bmd, config),
+    ]
