@@ -126,7 +126,7 @@ class ControlPlane:
             self.down(wipe=False)  # half up (a crash): restart everything cleanly
         self.state.mkdir(parents=True, exist_ok=True)
         self._choose_ports()
-        net = podnet.setup(self.state, key=f"{self.state}|{self.server}")
+        nets = podnet.setup(self.state, key=f"{self.state}|{self.server}")
         ensure_pki(self.pki)
         self._write_kubeconfigs()
         deadline = time.monotonic() + timeout
@@ -136,9 +136,9 @@ class ControlPlane:
             self._start_controllers()
             chart.apply_operator_rbac(self)
             if kwok:
-                self._start_kwok()
+                self._start_kwok(nets.kwok)
             if agent_nodes:
-                self._start_agent(agent_nodes, gpus, net)
+                self._start_agent(agent_nodes, gpus, nets.pods)
             self._wait_settled(deadline, agent_nodes)
         except BaseException:
             self.down(wipe=False)
@@ -269,7 +269,7 @@ class ControlPlane:
             ],
         )
 
-    def _start_kwok(self) -> None:
+    def _start_kwok(self, net: podnet.PodNetwork) -> None:
         self._spawn(
             "kwok",
             [
@@ -277,8 +277,9 @@ class ControlPlane:
                 f"--kubeconfig={self.kubeconfig()}",
                 "--manage-all-nodes=false",
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-                # Fake pod IPs, never dialed: a documentation range nobody routes.
-                "--cidr=10.244.0.0/16",
+                # Fake pod IPs: this clone's own range (routed to lo as root, so a simulated
+                # runtime can listen on them), else one nobody routes.
+                f"--cidr={net.cidr}",
                 "--node-ip=127.0.0.1",
                 "--node-lease-duration-seconds=40",
                 f"--server-address=127.0.0.1:{self.ports.kwok}",
@@ -383,19 +384,21 @@ class ControlPlane:
             out["ports"] = asdict(self.ports)
             out["ready"] = self.ready()
             out["kubeconfig"] = str(self.kubeconfig())
-        net = podnet.load(self.state)
-        if net is not None:
-            out["pod_network"] = {
-                "cidr": net.cidr,
-                "routed": net.routed,
-                "services_work": net.routed,
-                **({"why_not_routed": net.reason} if net.reason else {}),
-            }
+        nets = podnet.load(self.state)
+        if nets is not None:
+            for name, net in (("pod_network", nets.pods), ("kwok_network", nets.kwok)):
+                out[name] = {
+                    "cidr": net.cidr,
+                    "routed": net.routed,  # for pods: Services over them have endpoints
+                    **({"why_not_routed": net.reason} if net.reason else {}),
+                }
         return out
 
     def pod_network(self) -> podnet.PodNetwork | None:
-        """Where pod addresses come from; None for a cluster started before pod networks."""
-        return podnet.load(self.state)
+        """Where agent pods' addresses come from; None for a cluster started before pod
+        networks existed."""
+        nets = podnet.load(self.state)
+        return nets.pods if nets else None
 
 
 def write_kubeconfig(path: Path, server: str, ca: bytes, user: str, creds: dict[str, str]) -> None:

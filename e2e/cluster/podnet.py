@@ -1,4 +1,5 @@
-"""Pod addresses where Services work: a 10.X.0.0/16 routed to the loopback interface per clone.
+"""Pod addresses where Services work: a 10.X.0.0/16 routed to the loopback interface per clone
+(and a second one for kwok's pods).
 
 EndpointSlices refuse loopback addresses, so agent pods on 127.x never back a Service. As root,
 `ip route add local 10.X.0.0/16 dev lo` makes a whole /16 bindable and reachable like 127/8;
@@ -28,6 +29,9 @@ RESERVED = {
     244: "kwok's fake pod IPs (--cidr=10.244.0.0/16)",
 }
 FILE = "podnet.json"
+# kwok's pod range where no route can be added: its pods are never dialed, so any range
+# nobody routes will do; simulated runtimes then need root to make it bindable.
+KWOK_FALLBACK = "10.244.0.0/16"
 
 
 @dataclass(frozen=True)
@@ -107,42 +111,74 @@ def why_not_routable() -> str:
     return ""
 
 
-def setup(state: Path, key: str) -> PodNetwork:
-    """This clone's pod network: the one recorded if its route still stands, else a new one."""
-    path = state / FILE
+@dataclass(frozen=True)
+class Networks:
+    """A clone's two address ranges: its agent pods' and kwok's fake pods'."""
+
+    pods: PodNetwork
+    kwok: PodNetwork
+
+    def routed(self) -> list[Network]:
+        return [n.network for n in (self.pods, self.kwok) if n.routed]
+
+
+def setup(state: Path, key: str) -> Networks:
+    """This clone's ranges: the ones recorded if their routes still stand, else new ones.
+
+    Two routed /16s when root: one for agent pods, one for kwok, whose pod IPs are otherwise
+    10.244.0.x in every clone, so two clusters' simulated runtimes would fight over them.
+    """
     old = load(state)
-    if old is not None and old.routed and route_exists(old.network):
+    if old is not None and old.pods.routed and all(map(route_exists, old.routed())):
         return old
+    if old is not None:
+        _remove(old)
+    got: list[Network] = []
     reason = why_not_routable()
-    chosen: PodNetwork | None = None
     if not reason:
         for net in pick(key, _used()):
             added = _ip("route", "add", "local", str(net), "dev", "lo")
             if added.returncode == 0:
-                chosen = PodNetwork(str(net), routed=True)
-                break
-            if "File exists" not in added.stderr:  # anything but a clone racing us to it
+                got.append(net)
+                if len(got) == 2:
+                    break
+            elif "File exists" not in added.stderr:  # anything but a clone racing us to it
                 reason = f"`ip route add local {net} dev lo` failed: {added.stderr.strip()}"
                 break
         else:
-            reason = "every 10.X.0.0/16 is already routed (other clones' networks?)"
-    if chosen is None:
-        chosen = PodNetwork(fallback(key).cidr, routed=False, reason=reason)
+            reason = "fewer than two free 10.X.0.0/16 left (other clones' networks?)"
+    if len(got) == 2:
+        nets = Networks(PodNetwork(str(got[0]), routed=True), PodNetwork(str(got[1]), routed=True))
+    else:
+        for net in got:  # half a claim is no use: give it back
+            _ip("route", "del", "local", str(net), "dev", "lo")
+        nets = Networks(
+            PodNetwork(fallback(key).cidr, routed=False, reason=reason),
+            PodNetwork(KWOK_FALLBACK, routed=False, reason="kwok's pod IPs are never dialed"),
+        )
     state.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(chosen), indent=1) + "\n")
-    return chosen
+    body = {"pods": asdict(nets.pods), "kwok": asdict(nets.kwok)}
+    (state / FILE).write_text(json.dumps(body, indent=1) + "\n")
+    return nets
 
 
-def load(state: Path) -> PodNetwork | None:
+def load(state: Path) -> Networks | None:
     try:
-        return PodNetwork(**json.loads((state / FILE).read_text()))
-    except (OSError, ValueError, TypeError):
+        body = json.loads((state / FILE).read_text())
+        return Networks(PodNetwork(**body["pods"]), PodNetwork(**body["kwok"]))
+    except (OSError, ValueError, TypeError, KeyError):
         return None
 
 
+def _remove(nets: Networks) -> None:
+    for net in nets.routed():
+        if route_exists(net):
+            _ip("route", "del", "local", str(net), "dev", "lo")
+
+
 def teardown(state: Path) -> None:
-    """Remove the route this clone added (its pods are stopped by then) and forget it."""
-    net = load(state)
-    if net is not None and net.routed and route_exists(net.network):
-        _ip("route", "del", "local", str(net.network), "dev", "lo")
+    """Remove the routes this clone added (its pods are stopped by then) and forget them."""
+    nets = load(state)
+    if nets is not None:
+        _remove(nets)
     (state / FILE).unlink(missing_ok=True)

@@ -164,12 +164,14 @@ def test_pod_network_route_is_added_reused_and_removed(tmp_path, monkeypatch) ->
     ip.routes.append(f"local {first} dev lo scope host")
     monkeypatch.setattr(podnet, "_ip", ip)
     monkeypatch.setattr(podnet, "why_not_routable", lambda: "")
-    net = podnet.setup(tmp_path, key)
-    assert net.routed and net.network != first and ip.added == [net.cidr]
-    assert podnet.load(tmp_path) == net
-    assert podnet.setup(tmp_path, key) == net and ip.added == [net.cidr]  # reused, not re-added
+    nets = podnet.setup(tmp_path, key)
+    assert nets.pods.routed and nets.kwok.routed
+    assert ip.added == [nets.pods.cidr, nets.kwok.cidr] and first not in nets.routed()
+    assert podnet.load(tmp_path) == nets
+    assert podnet.setup(tmp_path, key) == nets and len(ip.added) == 2  # reused, not re-added
     podnet.teardown(tmp_path)
-    assert not any(net.cidr in r for r in ip.routes) and podnet.load(tmp_path) is None
+    assert ip.routes == [f"local {first} dev lo scope host"]  # only the other clone's is left
+    assert podnet.load(tmp_path) is None
 
 
 @pytest.mark.parametrize(
@@ -187,7 +189,23 @@ def test_pod_network_falls_back_to_loopback_saying_why(
     monkeypatch.setattr(podnet, "_ip", ip)
     monkeypatch.setattr(podnet, "_used", lambda: [])
     monkeypatch.setattr(podnet, "why_not_routable", lambda: reason)
-    net = podnet.setup(tmp_path, "clone|https://127.0.0.1:26443")
+    nets = podnet.setup(tmp_path, "clone|https://127.0.0.1:26443")
+    net = nets.pods
     assert not net.routed and net.network.subnet_of(ipaddress.IPv4Network("127.0.0.0/8"))
     assert (reason or refuse) in net.reason and not ip.added
+    assert nets.kwok == podnet.PodNetwork(podnet.KWOK_FALLBACK, False, nets.kwok.reason)
     podnet.teardown(tmp_path)  # nothing to remove, and no error
+
+
+def test_pod_network_gives_back_half_a_claim(tmp_path, monkeypatch) -> None:
+    """One free range is not enough (pods and kwok need one each): none is kept."""
+    key = "clone|https://127.0.0.1:26443"
+    free = podnet.pick(key, [])[0]
+    others = [f"local {n} dev lo scope host" for n in podnet.pick(key, [])[1:]]
+    ip = FakeIp(list(others))
+    monkeypatch.setattr(podnet, "_ip", ip)
+    monkeypatch.setattr(podnet, "_used", lambda: [])  # all taken only when adding
+    monkeypatch.setattr(podnet, "why_not_routable", lambda: "")
+    nets = podnet.setup(tmp_path, key)
+    assert not nets.pods.routed and "fewer than two free" in nets.pods.reason
+    assert ip.added == [str(free)] and ip.routes == others  # added, then given back
