@@ -43,6 +43,8 @@ from .statuswriter import StatusWriter
 
 log = logging.getLogger(__name__)
 SECRET_MISSING = "secret_not_found"
+# How long one pass waits for its pods' syncs before reporting; slower ones report when done.
+POD_SYNC_WAIT_SECONDS = 2.0
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Fleet:
         self.memory: dict[str, PodMemory] = {}  # pod name ->
         # pod name -> the runtime incarnation whose gate this process saw open
         self.gate_seen: dict[str, tuple[Any, ...]] = {}
+        self.busy: dict[str, asyncio.Task[None]] = {}  # pod name -> its sync in flight
         self.writer = StatusWriter(kube, namespace)
         self.token: str | None = None
         self.desired_replicas: int | None = None  # set by the autoscaler when it is on
@@ -137,10 +140,12 @@ class Fleet:
             del self.memory[gone]
         for gone in set(self.gate_seen) - live:
             del self.gate_seen[gone]
+        for gone in set(self.busy) - live:
+            self.busy.pop(gone).cancel()
         targets = [p for p in pods if p.serving_capable]
         desired, blocked = desired_adapters(world.adapters, self.name)
 
-        await asyncio.gather(*(self._sync_pod(p, desired) for p in targets))
+        await self._start_pod_syncs(targets, desired)
         await self._gates(pods, targets, desired)
         ready, failing = await self._report_adapters(world.adapters, targets, desired, blocked)
         self.metrics.pods_out_of_sync.labels(namespace=self.namespace, base=self.name).set(
@@ -172,6 +177,34 @@ class Fleet:
             await self.kube.create(manifests.admin_secret(bmd, manifests.new_admin_token()))
             data = await self.kube.read_secret(self.namespace, secret_name)
         self.token = (data or {}).get(ADMIN_TOKEN_KEY)
+
+    async def _start_pod_syncs(
+        self, targets: Sequence[RuntimePod], desired: Mapping[str, DesiredAdapter]
+    ) -> None:
+        """Each pod syncs in its own task, so a slow pod (a long download) never holds up the
+        others or this pass; a task that ends wakes the fleet to report what it did."""
+        for pod in targets:
+            task = self.busy.get(pod.name)
+            if task is None or task.done():
+                task = asyncio.create_task(self._sync_pod(pod, desired), name=f"sync {pod.name}")
+                task.add_done_callback(self._pod_sync_done)
+                self.busy[pod.name] = task
+        running = [t for t in self.busy.values() if not t.done()]
+        if running:  # quick pods finish within this pass, so it reports what they did
+            await asyncio.wait(running, timeout=POD_SYNC_WAIT_SECONDS)
+
+    def _pod_sync_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "%s/%s: %s failed: %r", self.namespace, self.name, task.get_name(), task.exception()
+            )
+        self.trigger.set()
+
+    def close(self) -> None:
+        """Stop every pod's sync: the base is gone or the operator stops."""
+        for task in self.busy.values():
+            task.cancel()
+        self.busy.clear()
 
     def _mem(self, pod: RuntimePod) -> PodMemory:
         mem = self.memory.get(pod.name)

@@ -111,6 +111,7 @@ async def run_fleet(
             # Let a burst of events land before measuring again.
             await asyncio.sleep(0.05)
     finally:
+        fleet.close()
         ctx.fleets.pop(key, None)
 
 
