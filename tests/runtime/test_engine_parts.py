@@ -3,12 +3,16 @@ stop strings, attention metadata."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from pathlib import Path
 
 import pytest
 import torch
 
+from loraplane.runtime.adapters.entry import AdapterEntry
+from loraplane.runtime.adapters.host_tier import HostTier
 from loraplane.runtime.block_manager import BlockManager
+from loraplane.runtime.lora_slot_manager import LoraSlotManager
 from loraplane.runtime.model.context import AttentionContext
 from loraplane.runtime.sampler import Sampler
 from loraplane.runtime.sampling import SamplingParams
@@ -16,29 +20,25 @@ from loraplane.runtime.scheduler import Scheduler
 from loraplane.runtime.sequence import Sequence
 
 
-@dataclass(eq=False)
-class Entry:
-    name: str
-    uid: int
-    slot: int | None = None
-    error: str | None = None
+def entry(name: str) -> AdapterEntry:
+    e = AdapterEntry(name, "src", None, None, "", Path("/x"), 1, [], 0)
+    e.weights = object()  # type: ignore[assignment]  # a host copy, never read here
+    return e
 
 
-class Slots:
-    """Stands in for AdapterManager.place: a fixed number of slots, no eviction."""
+class NoRegistry:
+    """A registry with nothing to place or free: only requests' adapters take slots."""
 
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.used: list[Entry] = []
+    def unplaced(self) -> list[AdapterEntry]:
+        return []
 
-    def place(self, entry: Entry, busy: set[int]) -> int | None:
-        if entry.slot is None and len(self.used) < self.n:
-            entry.slot = len(self.used)
-            self.used.append(entry)
-        return entry.slot
+    def reap(self) -> list[AdapterEntry]:
+        return []
 
-    def to_drain(self, wanted: int, busy: set[int], draining: set[int]) -> set[int]:
-        return set()
+
+def scheduler(blocks: BlockManager, lora_slots: int, **limits: int) -> Scheduler:
+    host = HostTier(threading.RLock(), 4, lambda: None)
+    return Scheduler(blocks, LoraSlotManager(lora_slots, host), NoRegistry(), **limits)
 
 
 def seq(n: int, adapter=None, max_tokens: int = 4) -> Sequence:
@@ -61,8 +61,8 @@ def test_block_manager_allocates_appends_and_frees():
 
 
 def test_admission_is_round_robin_across_adapters():
-    a, b, c = Entry("a", 1), Entry("b", 2), Entry("c", 3)
-    sched = Scheduler(BlockManager(64, 4), Slots(3), max_batch_tokens=1000, max_running=4)  # type: ignore[arg-type]
+    a, b, c = entry("a"), entry("b"), entry("c")
+    sched = scheduler(BlockManager(64, 4), 3, max_batch_tokens=1000, max_running=4)
     for _ in range(10):
         sched.add(seq(3, a))  # a burst for one adapter...
     sched.add(seq(3, b))
@@ -71,14 +71,14 @@ def test_admission_is_round_robin_across_adapters():
     step = sched.schedule()
     # ...does not keep the others out: one of each is admitted first.
     assert sorted(s.adapter_key for s in step.seqs) == ["", "a", "b", "c"]
-    slots = dict(zip([s.adapter_key for s in step.seqs], step.slots, strict=True))
+    slots = dict(zip([s.adapter_key for s in step.seqs], step.lora_slots, strict=True))
     assert slots == {"": -1, "a": 0, "b": 1, "c": 2}
     assert {e.name for _, e in step.loads} == {"a", "b", "c"}
 
 
 def test_an_adapter_without_a_slot_waits_without_blocking_others():
-    a, b = Entry("a", 1), Entry("b", 2)
-    sched = Scheduler(BlockManager(64, 4), Slots(1), max_batch_tokens=1000, max_running=8)  # type: ignore[arg-type]
+    a, b = entry("a"), entry("b")
+    sched = scheduler(BlockManager(64, 4), 1, max_batch_tokens=1000, max_running=8)
     sched.add(seq(3, a))
     sched.add(seq(3, b))
     sched.add(seq(3, None))
@@ -88,22 +88,8 @@ def test_an_adapter_without_a_slot_waits_without_blocking_others():
 
 
 def test_an_adapter_waiting_for_a_slot_gets_one_under_steady_load_of_another():
-    import threading
-    from pathlib import Path
-
-    from loraplane.runtime.adapters.entry import AdapterEntry
-    from loraplane.runtime.adapters.placement import Placement
-
-    def entry(name: str) -> AdapterEntry:
-        e = AdapterEntry(name, "src", None, None, "", Path("/x"), 1, [], 0)
-        e.weights = object()  # type: ignore[assignment]  # a host copy, never read here
-        return e
-
-    placement = Placement(threading.RLock(), 1, 4, lambda: None)
     a, b = entry("a"), entry("b")
-    placement.admit(a)
-    placement.admit(b)
-    sched = Scheduler(BlockManager(256, 4), placement, max_batch_tokens=1000, max_running=8)  # type: ignore[arg-type]
+    sched = scheduler(BlockManager(256, 4), 1, max_batch_tokens=1000, max_running=8)
     sched.add(seq(3, a, max_tokens=3))
     sched.add(seq(3, b, max_tokens=3))
     steps = 0
@@ -120,13 +106,44 @@ def test_an_adapter_waiting_for_a_slot_gets_one_under_steady_load_of_another():
             sched.remove(s)
     # Two steps to finish a's running requests, then b takes the slot.
     assert any(s.adapter is b for s in step.seqs), "b never got the slot while a kept it busy"
-    assert steps <= 5 and b.slot == 0 and a.slot is None, steps
+    assert steps <= 5 and b.lora_slot == 0 and a.lora_slot is None, steps
+
+
+def test_the_scheduler_alone_places_registered_adapters_and_frees_retired_ones():
+    fresh, pinned, old = entry("fresh"), entry("pinned"), entry("old")
+    pinned.pinned = True
+
+    class Registry:
+        unplaced_now: list[AdapterEntry] = [fresh]
+        reaped: list[AdapterEntry] = []
+
+        def unplaced(self) -> list[AdapterEntry]:
+            return [e for e in self.unplaced_now if e.lora_slot is None]
+
+        def reap(self) -> list[AdapterEntry]:
+            done, self.reaped = self.reaped, []
+            return done
+
+    registry = Registry()
+    host = HostTier(threading.RLock(), 4, lambda: None)
+    sched = Scheduler(BlockManager(64, 4), LoraSlotManager(2, host), registry, 1000, 8)
+    sched.add(seq(3, old))
+    step = sched.schedule()  # a registered adapter takes a free slot with no request for it
+    assert step.loads == [(0, fresh), (1, old)] and not step.clears
+    for s in step.seqs:
+        sched.remove(s)
+    registry.unplaced_now = [pinned, fresh]
+    step = sched.schedule()  # a pinned one evicts the least recently used idle holder
+    assert step.loads == [(0, pinned)] and fresh.lora_slot is None
+    registry.reaped = [old]  # retired: its slot is cleared, then handed out in the same step
+    step = sched.schedule()
+    assert step.clears == [1] and step.loads == [(1, fresh)]
 
 
 def test_token_budget_and_preemption_under_cache_pressure():
-    sched = Scheduler(BlockManager(4, 4), Slots(1), max_batch_tokens=10, max_running=8)  # type: ignore[arg-type]
+    sched = scheduler(BlockManager(4, 4), 1, max_batch_tokens=10, max_running=8)
     # Within one adapter the queue is FIFO; third is another adapter's, so it can go ahead.
-    first, second, third = seq(8), seq(8), seq(2, Entry("a", 1))
+    first, second, third = seq(8), seq(8), seq(2, entry("a"))
     for s in (first, second, third):
         sched.add(s)
     step = sched.schedule()

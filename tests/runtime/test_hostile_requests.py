@@ -62,12 +62,14 @@ def test_stale_nan_in_free_kv_blocks_and_slots_reaches_no_request(server, demo_d
     # slot that is never written; base-only tokens never read a slot's weights.
     runner, engine = server.runtime.runner, server.runtime.engine
     assert engine.idle()
+    adapters = server.runtime.adapters.registered()
+    wait_for(lambda: all(e.lora_slot is not None for e in adapters), "adapters in slots")
     # Keep block 0 free but unused: the index padding used to read, whoever held it last.
     engine.blocks.free.remove(0)
     with server.runtime.adapters.lock:
         runner.k_cache[:, : runner.pad_slot].fill_(float("nan"))
         runner.v_cache[:, : runner.pad_slot].fill_(float("nan"))
-        free = set(range(runner.lora.max_slots)) - set(server.runtime.adapters.slots.owner)
+        free = set(range(runner.lora.max_slots)) - set(engine.scheduler.lora_slots.owner)
         for slot in free:
             for layer in runner.lora.layers.values():
                 layer.lora_b[slot].fill_(float("nan"))
@@ -124,13 +126,13 @@ def test_a_request_that_breaks_the_forward_fails_alone(server, oracle, monkeypat
             blocker = asyncio.create_task(
                 client.post(url, json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2})
             )
-            await asyncio.to_thread(wait_for, lambda: engine.in_flight == 1, "the blocker")
+            await asyncio.to_thread(wait_for, lambda: engine.tally.in_flight == 1, "the blocker")
             body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0}
             bad = asyncio.create_task(
                 client.post(url, json={"model": "poet", "prompt": poison, "max_tokens": 4})
             )
             good = asyncio.create_task(client.post(url, json=body | {"model": "poet"}))
-            await asyncio.to_thread(wait_for, lambda: engine.in_flight == 3, "all queued")
+            await asyncio.to_thread(wait_for, lambda: engine.tally.in_flight == 3, "all queued")
             gate.set()
             return await blocker, await bad, await good
 

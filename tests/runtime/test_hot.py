@@ -38,7 +38,7 @@ async def test_unload_waits_for_running_requests_and_frees_weights(setup, monkey
     monkeypatch.setattr(runtime.runner, "run", slow)
     entry = runtime.adapters.get("poet")
     weights_ref = weakref.ref(entry.weights)
-    slot = entry.slot
+    slot = entry.lora_slot
     assert slot is not None
     body = {
         "model": "poet",
@@ -62,7 +62,7 @@ async def test_unload_waits_for_running_requests_and_frees_weights(setup, monkey
     final = json.loads(rest[-2].removeprefix("data: "))
     assert final["choices"][0]["finish_reason"] == "length"
     del entry
-    wait_for(lambda: slot not in runtime.adapters.slots.owner, "the slot to be released")
+    wait_for(lambda: slot not in runtime.engine.scheduler.lora_slots.owner, "the slot to be released")
     gc.collect()
     assert weights_ref() is None, "unloaded adapter weights are still referenced"
 

@@ -33,7 +33,7 @@ def test_ready_only_once_preloads_are_in_and_not_while_draining(demo_dir, tmp_pa
         release.set()
         wait_for(lambda: readyz(server)[0] == 200, "readiness after the preload")
         assert [e.name for e in server.runtime.adapters.registered()] == ["poet"]
-        server.runtime.engine.begin_drain()
+        server.runtime.engine.begin_shutdown()
         assert readyz(server) == (503, {"status": "not ready", "reason": "draining"})
         r = httpx.post(f"{server.url}/v1/completions", json={"model": "poet", "prompt": "hi"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"

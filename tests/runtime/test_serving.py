@@ -43,7 +43,7 @@ async def test_concurrent_adapters_match_peft_greedy(server, demo_dir):  # noqa:
         assert ours[model] == expected, f"{model}: ours {ours[model]} != PEFT {expected}"
     # The adapters must really differ, or the equality above would prove little.
     assert len({tuple(v) for v in ours.values()}) == len(models)
-    assert server.runtime.engine.peak_adapters_per_step >= 3
+    assert server.runtime.engine.tally.peak_adapters_per_step >= 3
 
 
 def test_openai_client_completions_chat_and_models(server):

@@ -13,6 +13,7 @@ from server_fixtures import (  # noqa: F401
     demo_dir,
     make_config,
     peft_greedy,
+    wait_for,
 )
 
 PROMPT = "the quick brown fox"
@@ -58,7 +59,9 @@ async def ask_all(server, models: list[str]) -> list[str]:
 
 async def test_more_adapters_than_slots_all_served_correctly(setup):
     server, base, dirs = setup
-    assert sorted(tiers(server).values()) == ["cpu", "disk", "gpu", "gpu"]
+    # The engine places registered adapters at its next step: two slots, one host copy.
+    settled = ["cpu", "disk", "gpu", "gpu"]
+    wait_for(lambda: sorted(tiers(server).values()) == settled, f"tiers {settled}")
     names = list(dirs)
     # Every adapter twice, concurrently: slots are swapped between steps as requests finish.
     got = await ask_all(server, names * 2)
@@ -99,17 +102,17 @@ def test_a_read_back_refuses_files_changed_since_the_load(demo_dir, tmp_path):  
     from server_fixtures import rewrite_weights
 
     from loraplane.runtime.adapters.entry import AdapterEntry
-    from loraplane.runtime.adapters.placement import Placement
+    from loraplane.runtime.adapters.host_tier import HostTier
     from loraplane.runtime.adapters.sources import sha256_file
 
     _, adapters = demo_dir
     local = copy_adapter(adapters["poet"], tmp_path / "poet")
     sha = sha256_file(local / "adapter_model.safetensors")
-    placement = Placement(threading.RLock(), 1, 1, lambda: None)
+    host = HostTier(threading.RLock(), 1, lambda: None)
 
     def read_back() -> AdapterEntry:
         entry = AdapterEntry("poet", str(local), None, None, sha, local, 4, [], 0)
-        placement.reload(entry)  # from the disk tier, on the reader thread
+        host.read_back(entry)  # from the disk tier, on the reader thread
         deadline = time.monotonic() + 10
         while entry.weights is None and entry.error is None:
             assert time.monotonic() < deadline
@@ -120,4 +123,4 @@ def test_a_read_back_refuses_files_changed_since_the_load(demo_dir, tmp_path):  
     rewrite_weights(local, lambda t: {k: v * 2 for k, v in t.items()})  # edited in place
     entry = read_back()
     assert entry.weights is None and "changed since the load" in (entry.error or "")
-    placement.close()
+    host.close()

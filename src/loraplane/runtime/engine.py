@@ -1,8 +1,10 @@
-"""The engine: one thread owns the scheduler and the model runner and steps them.
+"""The engine: one thread steps the scheduler and the model runner, and feeds request streams.
 
-HTTP handlers call submit() from the event loop and read Outputs from an asyncio queue;
-the engine thread pushes to it with call_soon_threadsafe. Requests and aborts reach the thread
-through an inbox, so the scheduler's state is only ever touched by that thread.
+HTTP handlers call submit() from the event loop and read Outputs from an asyncio queue; the
+engine thread pushes to it with call_soon_threadsafe. Requests and aborts reach the thread
+through an inbox, so the scheduler's state (KV blocks, LoRA slots, queues) is only ever
+touched by that thread. Decisions live elsewhere: what runs (scheduler.py), when a sequence
+is finished (postprocess.py), what is counted (tally.py).
 """
 
 from __future__ import annotations
@@ -17,22 +19,25 @@ from typing import Any
 from loraplane.runtime.adapters.manager import AdapterEntry, AdapterManager
 from loraplane.runtime.block_manager import BlockManager
 from loraplane.runtime.config import RuntimeConfig
-from loraplane.runtime.detokenizer import Detokenizer
+from loraplane.runtime.lora_slot_manager import LoraSlotManager
 from loraplane.runtime.metrics import Metrics
 from loraplane.runtime.model_runner import ModelRunner
 from loraplane.runtime.outputs import (
     ADAPTER_FAILED,
     GENERATION_FAILED,
     SHUT_DOWN,
+    InvalidRequest,
     Output,
     QueueFull,
     RequestStream,
     ShuttingDown,
 )
+from loraplane.runtime.postprocess import PostProcessor
 from loraplane.runtime.sampler import FAILED
 from loraplane.runtime.sampling import SamplingParams
 from loraplane.runtime.scheduler import Scheduler, Step
 from loraplane.runtime.sequence import Sequence, Status
+from loraplane.runtime.tally import Tally
 
 log = logging.getLogger(__name__)
 
@@ -52,31 +57,27 @@ class Engine:
         self.config = config
         self.runner = runner
         self.adapters = adapters
-        self.metrics = metrics
-        self.base_name = base_name
-        self.detok = Detokenizer(tokenizer)
         eos = set(runner.model.config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
-        self.eos_ids = eos
         self.max_seq_len = min(config.max_batch_tokens, runner.model.config.max_position_embeddings)
+        self.post = PostProcessor(tokenizer, eos, self.max_seq_len)
+        self.tally = Tally(metrics, base_name)
         self.blocks = BlockManager(config.kv_cache_blocks, config.block_size)
         self.scheduler = Scheduler(
-            self.blocks, adapters, config.max_batch_tokens, config.max_running
+            self.blocks,
+            LoraSlotManager(config.max_adapters, adapters.host),
+            adapters,
+            config.max_batch_tokens,
+            config.max_running,
         )
         self.streams: dict[int, RequestStream] = {}
         self.inbox: deque[tuple[str, Sequence]] = deque()
         self.wake = threading.Condition()
-        self.lock = threading.Lock()  # guards the counters below and the draining flag
-        self.queued = 0
-        self.in_flight = 0
-        self.draining = False
-        self.drain_deadline: float | None = None
+        self.shutting_down = False  # under tally.lock: admission reads it with the counters
+        self.shutdown_deadline: float | None = None
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        self.steps = 0
-        # Most distinct adapters (base included) that shared one forward pass: proof of mixing.
-        self.peak_adapters_per_step = 0
 
     # -- called from the event loop -----------------------------------------------------------
 
@@ -84,31 +85,23 @@ class Engine:
         self.thread.start()
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None
-    ) -> RequestStream:
-        """Queue a request; raises ValueError (400), AdapterNotFound (404), QueueFull, ShuttingDown."""
-        return self.submit_many([prompt_ids], params, adapter)[0]
-
-    def submit_many(
         self, prompts: list[list[int]], params: SamplingParams, adapter: str | None
     ) -> list[RequestStream]:
-        """Queue the prompts of one request all together, or none of them (then it raises)."""
+        """Queue the prompts of one request all together, or none of them: raises
+        InvalidRequest, AdapterNotFound, QueueFull or ShuttingDown."""
         for prompt_ids in prompts:
             self.check_fits(len(prompt_ids), params.max_tokens)
-        with self.lock:
-            if self.draining:
+        with self.tally.lock:
+            if self.shutting_down:
                 raise ShuttingDown("the server is shutting down")
-            if self.queued + len(prompts) > self.config.max_queue:
-                self.metrics.requests.labels(
-                    adapter=adapter or self.base_name, status="rejected"
-                ).inc(len(prompts))
+            if self.tally.queued + len(prompts) > self.config.max_queue:
+                self.tally.rejected(adapter, len(prompts))
                 raise QueueFull(
-                    f"{self.queued} requests are waiting (--max-queue {self.config.max_queue}) "
-                    f"and this one brings {len(prompts)}; retry later"
+                    f"{self.tally.queued} requests are waiting (--max-queue "
+                    f"{self.config.max_queue}) and this one brings {len(prompts)}; retry later"
                 )
             entries = [self.adapters.acquire(adapter) if adapter else None for _ in prompts]
-            self.queued += len(prompts)
-            self.in_flight += len(prompts)
+            self.tally.accepted(len(prompts))
         streams = []
         for prompt_ids, entry in zip(prompts, entries, strict=True):
             seq = Sequence(list(prompt_ids), params, entry, arrival=time.monotonic())
@@ -116,15 +109,15 @@ class Engine:
             self.streams[seq.seq_id] = stream
             streams.append(stream)
             self._post("add", seq)
-        self._gauges()
+        self.tally.gauges()
         return streams
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        """ValueError (400) unless a prompt this long can run with this max_tokens."""
+        """InvalidRequest unless a prompt this long can run with this max_tokens."""
         if prompt_tokens == 0:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequest("the prompt is empty")
         if prompt_tokens + max_tokens > self.max_seq_len:
-            raise ValueError(
+            raise InvalidRequest(
                 f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
                 f"{prompt_tokens + max_tokens}, above this server's limit of "
                 f"{self.max_seq_len} tokens per sequence; shorten the prompt or max_tokens"
@@ -142,21 +135,20 @@ class Engine:
         with self.wake:
             self.wake.notify()
 
-    def begin_drain(self, deadline_s: float | None = None) -> None:
+    def begin_shutdown(self, deadline_s: float | None = None) -> None:
         """Take no new requests; at deadline_s from now, end the running ones with an error.
 
         The deadline falls before the HTTP server's own: a stream then ends with an event
         that says why, instead of a connection cut mid-stream.
         """
-        with self.lock:
-            self.draining = True
-            if deadline_s is not None and self.drain_deadline is None:
-                self.drain_deadline = time.monotonic() + deadline_s
+        with self.tally.lock:
+            self.shutting_down = True
+            if deadline_s is not None and self.shutdown_deadline is None:
+                self.shutdown_deadline = time.monotonic() + deadline_s
         self.notify()
 
     def idle(self) -> bool:
-        with self.lock:
-            return self.in_flight == 0
+        return self.tally.idle()
 
     def stop(self) -> None:
         with self.wake:
@@ -164,10 +156,6 @@ class Engine:
             self.wake.notify()
         if self.thread.is_alive():
             self.thread.join(timeout=10)
-
-    def _gauges(self) -> None:
-        self.metrics.queue_depth.set(self.queued)
-        self.metrics.in_flight.set(self.in_flight)
 
     # -- the engine thread --------------------------------------------------------------------
 
@@ -198,7 +186,7 @@ class Engine:
                 self.scheduler.add(seq)
             elif not seq.finished:
                 self._finish(seq, "abort")
-        if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
+        if self.shutdown_deadline is not None and time.monotonic() >= self.shutdown_deadline:
             for seq in self._all_seqs():
                 self._finish(
                     seq,
@@ -206,82 +194,62 @@ class Engine:
                     error="the server shut down before this request finished; retry it",
                     error_code=SHUT_DOWN,
                 )
-        for slot, entry in self.adapters.take_pending():
-            self._load(slot, entry)
-        for slot in self.adapters.reap():
-            self.runner.clear_adapter(slot)
-        self._place_idle()
-        if not self.scheduler.has_work():
-            return
         step = self.scheduler.schedule()
+        self._prepare_lora_slots(step)
         for seq in step.failed:
-            self._finish(
-                seq,
-                "error",
-                error=f"adapter {seq.adapter_key!r}: {seq.adapter.error}",
-                error_code=ADAPTER_FAILED,
-            )
-        if not step.seqs:
+            self._fail_adapter(seq)
+        if step.seqs:
+            self._run(step)
+        elif self.scheduler.has_work() and not step.loads:
             with self.wake:  # every waiting adapter is being read back: wait for it
                 self.wake.wait(timeout=0.05)
+
+    def _prepare_lora_slots(self, step: Step) -> None:
+        """Clear freed slots, then copy in new ones (Step's order); drop what cannot run."""
+        for slot in step.clears:
+            self.runner.clear_adapter(slot)
+        broken = {entry.uid for slot, entry in step.loads if not self._copy_in(slot, entry)}
+        if not broken:
             return
-        self._run(step)
+        kept = [
+            (q, s)
+            for q, s in zip(step.seqs, step.lora_slots, strict=True)
+            if q.adapter is None or q.adapter.uid not in broken
+        ]
+        for seq in step.seqs:
+            if seq.adapter is not None and seq.adapter.uid in broken:
+                self._fail_adapter(seq)
+        step.seqs, step.lora_slots = [q for q, _ in kept], [s for _, s in kept]
 
-    def _place_idle(self) -> None:
-        """Put freshly registered adapters into free slots (pinned ones may evict)."""
-        busy = {s.adapter.uid for s in self.scheduler.running if s.adapter is not None}
-        for entry in self.adapters.unplaced():
-            if not entry.pinned and self.adapters.slots.free_count() == 0:
-                break
-            slot = self.adapters.place(entry, busy)
-            if slot is not None:
-                self._load(slot, entry)
-
-    def _load(self, slot: int, entry: AdapterEntry) -> bool:
+    def _copy_in(self, slot: int, entry: AdapterEntry) -> bool:
         """Copy an adapter into its slot; on failure the adapter is marked failed, not served."""
         try:
             assert entry.weights is not None, f"adapter {entry.name} has no host copy"
             self.runner.load_adapter(slot, entry.weights)
         except Exception as e:
-            log.exception("copying adapter %s into slot %d failed", entry.name, slot)
+            log.exception("copying adapter %s into LoRA slot %d failed", entry.name, slot)
+            self.scheduler.lora_slots.deallocate(entry)
             self.runner.clear_adapter(slot)
             self.adapters.fail(entry, f"copying into GPU slot {slot} failed: {e}")
             return False
         return True
 
+    def _fail_adapter(self, seq: Sequence) -> None:
+        assert seq.adapter is not None
+        self._finish(
+            seq,
+            "error",
+            error=f"adapter {seq.adapter_key!r}: {seq.adapter.error}",
+            error_code=ADAPTER_FAILED,
+        )
+
     def _run(self, step: Step) -> None:
-        broken = {entry.uid for slot, entry in step.loads if not self._load(slot, entry)}
-        if broken:
-            kept = [
-                (q, s)
-                for q, s in zip(step.seqs, step.slots, strict=True)
-                if q.adapter is None or q.adapter.uid not in broken
-            ]
-            for seq in step.seqs:
-                if seq.adapter is not None and seq.adapter.uid in broken:
-                    self._finish(
-                        seq,
-                        "error",
-                        error=f"adapter {seq.adapter_key!r}: {seq.adapter.error}",
-                        error_code=ADAPTER_FAILED,
-                    )
-            step.seqs, step.slots = [q for q, _ in kept], [s for _, s in kept]
-            if not step.seqs:
-                return
-        started = [s for s in step.seqs if not s.started]
-        for seq in started:
-            seq.started = True
-            self.metrics.prompt.labels(adapter=self._label(seq)).inc(len(seq.prompt_ids))
-        with self.lock:
-            self.queued -= len(started)
-        self.metrics.batch_tokens.observe(sum(len(s) - s.num_cached for s in step.seqs))
+        self.tally.step(step.seqs, step.lora_slots)
         try:
-            tokens, logprobs = self.runner.run(step.seqs, step.slots)
+            tokens, logprobs = self.runner.run(step.seqs, step.lora_slots)
         except Exception:
             log.exception("a step of %d sequences failed; running them one by one", len(step.seqs))
             tokens, logprobs = self._run_alone(step)
-        self.peak_adapters_per_step = max(self.peak_adapters_per_step, len(set(step.slots)))
-        self.steps += 1
         now = time.monotonic()
         for seq, token, logprob in zip(step.seqs, tokens, logprobs, strict=True):
             if seq.finished:
@@ -294,12 +262,12 @@ class Engine:
             except Exception:
                 log.exception("sequence %d failed after its step", seq.seq_id)
                 self._finish(seq, "error", error="internal error on this request")
-        self._gauges()
+        self.tally.gauges()
 
     def _run_alone(self, step: Step) -> tuple[list[int], list[float]]:
         """Each sequence of a failed step in its own forward: only the culprit fails."""
         tokens, logprobs = [], []
-        for seq, slot in zip(step.seqs, step.slots, strict=True):
+        for seq, slot in zip(step.seqs, step.lora_slots, strict=True):
             try:
                 (token,), (logprob,) = self.runner.run([seq], [slot])
             except Exception:
@@ -314,32 +282,14 @@ class Engine:
         return f"{who} produced no valid next token for this request (non-finite logits)"
 
     def _advance(self, seq: Sequence, token: int, logprob: float, now: float) -> None:
-        label = self._label(seq)
-        if seq.first_token_at is None:
-            seq.first_token_at = now
-            self.metrics.ttft.labels(adapter=label).observe(now - seq.arrival)
-        elif seq.last_token_at is not None:
-            self.metrics.tpot.labels(adapter=label).observe(now - seq.last_token_at)
-        seq.last_token_at = now
-        self.metrics.generated.labels(adapter=label).inc()
-        is_eos = token in self.eos_ids and not seq.params.ignore_eos
-        if not is_eos:
-            seq.output_ids.append(token)
-        reason = None
-        if is_eos:
-            reason = "stop"
-        elif len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.max_seq_len:
-            reason = "length"
-        # On the last token, flush text held back for an incomplete character.
-        delta = self.detok.update(seq, final=reason is not None)
-        if seq.stop_hit is not None:
-            reason = "stop"
+        self.tally.token(seq, now)
+        step = self.post.advance(seq, token)
         stream = self.streams.get(seq.seq_id)
-        if stream is not None and (delta or not is_eos):
-            token_id = None if is_eos else token
-            stream.push(Output(delta, token_id, logprob, completion_tokens=len(seq.output_ids)))
-        if reason is not None:
-            self._finish(seq, reason, eos=is_eos)
+        if stream is not None and (step.text or not step.eos):
+            token_id = None if step.eos else token
+            stream.push(Output(step.text, token_id, logprob, completion_tokens=len(seq.output_ids)))
+        if step.finish_reason is not None:
+            self._finish(seq, step.finish_reason, eos=step.eos)
 
     def _finish(
         self,
@@ -358,12 +308,7 @@ class Engine:
         self.runner.sampler.forget(seq.seq_id)
         if seq.adapter is not None:
             self.adapters.release(seq.adapter)
-        with self.lock:
-            self.in_flight -= 1
-            if was_queued:
-                self.queued -= 1
-        status = {"stop": "success", "length": "success"}.get(reason, reason)
-        self.metrics.requests.labels(adapter=self._label(seq), status=status).inc()
+        self.tally.finished(seq, reason, was_queued)
         stream = self.streams.pop(seq.seq_id, None)
         if stream is not None:
             stream.push(
@@ -380,11 +325,8 @@ class Engine:
                     error_code=error_code if error else None,
                 )
             )
-        self._gauges()
+        self.tally.gauges()
 
     def _fail_running(self, error: str) -> None:
         for seq in list(self.scheduler.running):
             self._finish(seq, "error", error=error)
-
-    def _label(self, seq: Sequence) -> str:
-        return seq.adapter.name if seq.adapter is not None else self.base_name

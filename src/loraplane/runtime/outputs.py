@@ -15,12 +15,19 @@ ADAPTER_FAILED = "adapter_failed"  # 503: its adapter could not be put in a slot
 SHUT_DOWN = "shutting_down"  # 503: the shutdown deadline came first
 
 
+class InvalidRequest(ValueError):
+    """The request itself is wrong (400; 422 on the TGI routes): the message says what to fix.
+
+    Only this is the client's fault: any other exception is a bug, answered 500 as one.
+    """
+
+
 class QueueFull(Exception):
     """The waiting queue is at --max-queue; the client should retry later (429)."""
 
 
 class ShuttingDown(Exception):
-    """The server is draining and takes no new requests (503)."""
+    """The server is shutting down and takes no new requests (503)."""
 
 
 @dataclass

@@ -109,7 +109,7 @@ class Runtime:
     def begin_shutdown(self, grace_s: float) -> None:
         """SIGTERM: readiness fails at once, loads in flight stop (nobody will use them), and
         requests still running shortly before grace_s ends are ended with an error event."""
-        self.engine.begin_drain(max(0.0, grace_s - min(2.0, grace_s / 10)))
+        self.engine.begin_shutdown(max(0.0, grace_s - min(2.0, grace_s / 10)))
         self.adapters.stop_loading()
 
     def stop(self) -> None:

@@ -1,31 +1,52 @@
-"""Decides, at each step boundary, which sequences run and with which adapter slot.
+"""Decides, at each step boundary, which sequences run and which adapter holds which LoRA slot.
 
 Every running sequence decodes one token; waiting ones are admitted (prefill) in the same step
-while the token budget, the KV blocks and the adapter slots allow. Admission is round-robin
+while the token budget, the KV blocks and the LoRA slots allow. Admission is round-robin
 across adapters, so a burst for one adapter cannot starve another; a sequence whose adapter is
-not in a slot yet is skipped without holding up the rest. When adapters wait for a slot and
-every slot is held by an adapter with running requests, the least recently used holder takes
-no new requests until its running ones finish and its slot can change hands; otherwise
+not in a LoRA slot yet is skipped without holding up the rest. When adapters wait for a slot
+and every slot is held by an adapter with running requests, the least recently used holder
+hands its slot over: it takes no new requests until its running ones finish; otherwise
 adapters whose requests keep overlapping would keep the slots forever. When the cache runs
 out during decode, the newest sequence is preempted and later recomputed.
+
+The scheduler owns both allocators (KV blocks and LoRA slots) and is used only on the engine
+thread. What it decided for the device is in the Step: the slots to clear and the weights to
+copy in, then the sequences to run.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from loraplane.runtime.adapters.manager import AdapterEntry, AdapterManager
+from loraplane.runtime.adapters.entry import AdapterEntry
 from loraplane.runtime.block_manager import BlockManager
+from loraplane.runtime.lora_slot_manager import LoraSlotManager
 from loraplane.runtime.sequence import Sequence, Status
+
+
+class Registry(Protocol):
+    """What the scheduler needs from the adapter registry."""
+
+    def unplaced(self) -> list[AdapterEntry]:
+        """Registered adapters with a host copy and no LoRA slot, pinned ones first."""
+        ...
+
+    def reap(self) -> list[AdapterEntry]:
+        """Retired adapters nobody holds any more: their slots are to be freed."""
+        ...
 
 
 @dataclass
 class Step:
     seqs: list[Sequence] = field(default_factory=list)
-    slots: list[int] = field(default_factory=list)  # LoRA slot per sequence, -1 = base
-    loads: list[tuple[int, AdapterEntry]] = field(default_factory=list)  # copy before forward
-    failed: list[Sequence] = field(default_factory=list)  # adapters that could not be read
+    lora_slots: list[int] = field(default_factory=list)  # per sequence, -1 = base
+    # For the device, in this order (a slot freed here may be handed out again in the same
+    # step): clear the freed slots, then copy each newly placed adapter into its slot.
+    clears: list[int] = field(default_factory=list)
+    loads: list[tuple[int, AdapterEntry]] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)  # their adapter failed
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -36,17 +57,19 @@ class Scheduler:
     def __init__(
         self,
         blocks: BlockManager,
-        adapters: AdapterManager,
+        lora_slots: LoraSlotManager,
+        registry: Registry,
         max_batch_tokens: int,
         max_running: int,
     ) -> None:
         self.blocks = blocks
-        self.adapters = adapters
+        self.lora_slots = lora_slots
+        self.registry = registry
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
         self.waiting: OrderedDict[str, deque[Sequence]] = OrderedDict()  # adapter -> FIFO
         self.running: list[Sequence] = []
-        self.draining: set[int] = set()  # uids of slot holders admitting nothing new
+        self.handing_over: set[int] = set()  # uids of slot holders admitting nothing new
 
     @property
     def num_waiting(self) -> int:
@@ -75,19 +98,44 @@ class Scheduler:
     def schedule(self) -> Step:
         step = Step()
         busy = {s.adapter.uid for s in self.running if s.adapter is not None}
-        self._decode(step, busy)
-        self._admit(step, busy)
+        # Retired adapters give their slots back first, so that idle placement and this
+        # step's admissions can reuse them; idle placement comes before admission so that
+        # a pinned or freshly loaded adapter gets a free slot before a request's adapter
+        # evicts anything for it.
+        for entry in self.registry.reap():
+            slot = self.lora_slots.deallocate(entry)
+            if slot is not None:
+                step.clears.append(slot)
+        self._place_idle(step, busy)
+        if self.has_work():
+            self._decode(step, busy)
+            self._admit(step, busy)
+        # After placement: a copy just put back or read in is kept if a slot took it.
+        self.lora_slots.host.trim()
         return step
 
-    def _slot(self, seq: Sequence, step: Step, busy: set[int]) -> int | None:
-        if seq.adapter is None:
+    def _place_idle(self, step: Step, busy: set[int]) -> None:
+        """Registered adapters into free slots (a pinned one may evict an idle holder)."""
+        for entry in self.registry.unplaced():
+            if not entry.pinned and self.lora_slots.num_free == 0:
+                break
+            if self.lora_slots.can_allocate(entry, busy):
+                step.loads.append((self.lora_slots.allocate(entry, busy), entry))
+
+    def _lora_slot(self, seq: Sequence, step: Step, busy: set[int]) -> int | None:
+        """seq's LoRA slot for this step (-1: the base), or None when it cannot have one yet."""
+        entry = seq.adapter
+        if entry is None:
             return -1
-        had = seq.adapter.slot
-        slot = self.adapters.place(seq.adapter, busy)
-        if slot is not None and had is None:
-            step.loads.append((slot, seq.adapter))
-        if slot is not None:
-            busy.add(seq.adapter.uid)
+        if entry.lora_slot is None:
+            if entry.weights is None:
+                self.lora_slots.host.read_back(entry)  # on disk: placed once it is read
+                return None
+            if not self.lora_slots.can_allocate(entry, busy):
+                return None
+            step.loads.append((self.lora_slots.allocate(entry, busy), entry))
+        slot = self.lora_slots.allocate(entry, busy)  # most recently used now
+        busy.add(entry.uid)
         return slot
 
     def _decode(self, step: Step, busy: set[int]) -> None:
@@ -100,12 +148,12 @@ class Scheduler:
             if not self.blocks.can_append(seq):
                 self._preempt(seq)
                 continue
-            slot = self._slot(seq, step, busy)
-            assert slot is not None, "a running sequence's adapter is always placeable"
+            slot = self._lora_slot(seq, step, busy)
+            assert slot is not None, "a running sequence's adapter always holds its slot"
             self.blocks.append(seq)
             kept.append(seq)
             step.seqs.append(seq)
-            step.slots.append(slot)
+            step.lora_slots.append(slot)
         self.running = kept
 
     def _preempt(self, seq: Sequence) -> None:
@@ -115,11 +163,11 @@ class Scheduler:
     def _wanted(self) -> int:
         """Adapters whose next request waits for a slot."""
         heads = [q[0].adapter for q in self.waiting.values() if q]
-        return sum(1 for a in heads if a is not None and a.slot is None and not a.error)
+        return sum(1 for a in heads if a is not None and a.lora_slot is None and not a.error)
 
     def _admit(self, step: Step, busy: set[int]) -> None:
         budget = self.max_batch_tokens - len(step.seqs)
-        self.draining = self.adapters.to_drain(self._wanted(), busy, self.draining)
+        self.handing_over = self.lora_slots.to_hand_over(self._wanted(), busy, self.handing_over)
         progress = True
         while progress and len(self.running) < self.max_running:
             progress = False
@@ -134,9 +182,9 @@ class Scheduler:
                     continue
                 if len(seq) > budget or not self.blocks.can_allocate(seq):
                     continue
-                if seq.adapter is not None and seq.adapter.uid in self.draining:
+                if seq.adapter is not None and seq.adapter.uid in self.handing_over:
                     continue
-                slot = self._slot(seq, step, busy)
+                slot = self._lora_slot(seq, step, busy)
                 if slot is None:
                     continue
                 queue.popleft()
@@ -144,7 +192,7 @@ class Scheduler:
                 seq.status = Status.RUNNING
                 self.running.append(seq)
                 step.seqs.append(seq)
-                step.slots.append(slot)
+                step.lora_slots.append(slot)
                 budget -= len(seq)
                 # Round-robin: this adapter goes to the back of the line.
                 self.waiting.move_to_end(key)

@@ -27,7 +27,7 @@ class AdapterEntry:
     size_bytes: int
     pinned: bool = False
     weights: AdapterWeights | None = None
-    slot: int | None = None
+    lora_slot: int | None = None  # set by the scheduler's LoraSlotManager (engine thread)
     refs: int = 0  # requests accepted for this entry and not yet finished
     retired: bool = False
     reloading: bool = False
@@ -44,7 +44,7 @@ class AdapterEntry:
 
     @property
     def tier(self) -> str:
-        if self.slot is not None:
+        if self.lora_slot is not None:
             return "gpu"
         return "cpu" if self.weights is not None else "disk"
 

@@ -1,8 +1,10 @@
-"""The adapter registry: name -> entry, the loads in flight, and the engine's way to the tiers.
+"""The adapter registry: name -> entry, and the loads in flight.
 
 Each load makes a new entry; replacing or deleting a name retires the old entry, which keeps
-serving the requests that already hold it and is freed when the last one finishes. Where an
-entry's weights live (GPU slot, host copy, disk) is placement.py's to decide.
+serving the requests that already hold it and is freed when the last one finishes. HTTP
+threads register entries into the host tier (host_tier.py) and nothing more: LoRA slots are
+the scheduler's (lora_slot_manager.py), on the engine thread, which asks this registry which
+adapters wait for one (unplaced) and which retired ones to free (reap).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from loraplane.runtime.adapters.errors import (
     RuntimeClosing,
 )
 from loraplane.runtime.adapters.guard import Guard
+from loraplane.runtime.adapters.host_tier import HostTier
 from loraplane.runtime.adapters.names import check_name
-from loraplane.runtime.adapters.placement import Placement
 from loraplane.runtime.adapters.sources import Fetcher, sha256_file
 from loraplane.runtime.adapters.validation import check_compatible
 from loraplane.runtime.lora import AdapterFormatError, read_peft_adapter
@@ -47,8 +49,8 @@ class AdapterManager:
         self.retired: list[AdapterEntry] = []
         self.loading: dict[str, Loading] = {}
         self.closing = False
-        self.placement = Placement(self.lock, max_adapters, max_cpu_adapters, on_change)
-        self.slots = self.placement.slots  # the engine asks it for a free slot
+        self.max_adapters = max_adapters  # LoRA slots: pinning must leave one unpinned
+        self.host = HostTier(self.lock, max_cpu_adapters, on_change)
 
     # -- registry (HTTP threads) --------------------------------------------------------------
 
@@ -142,7 +144,7 @@ class AdapterManager:
             self.entries[name] = entry
             if old is not None:
                 self._retire(old)
-            self.placement.admit(entry)
+            self.host.admit(entry)
         return entry
 
     def loading_now(self) -> dict[str, Loading]:
@@ -198,10 +200,10 @@ class AdapterManager:
 
     def _check_pin_room(self, exclude: str) -> None:
         pinned = sum(1 for e in self.entries.values() if e.pinned and e.name != exclude)
-        if pinned + 1 >= self.slots.num_slots:
+        if pinned + 1 >= self.max_adapters:
             raise Conflict(
                 f"pinning would leave no GPU slot for unpinned adapters: {pinned} of "
-                f"{self.slots.num_slots} slots are pinned; raise maxAdapters or unpin one"
+                f"{self.max_adapters} slots are pinned; raise maxAdapters or unpin one"
             )
 
     def unregister(self, name: str) -> AdapterEntry | None:
@@ -256,43 +258,33 @@ class AdapterManager:
             counts[entry.tier] += 1
         return counts
 
-    # -- placement (engine thread) ------------------------------------------------------------
-
-    def take_pending(self) -> list[tuple[int, AdapterEntry]]:
-        """Slots assigned off the engine thread whose weights the runner must copy in now."""
-        return self.placement.take_pending()
-
-    def place(self, entry: AdapterEntry, busy: set[int]) -> int | None:
-        """The slot entry will be in for this step, or None if it cannot be yet (Placement.place)."""
-        return self.placement.place(entry, busy)
-
-    def to_drain(self, wanted: int, busy: set[int], draining: set[int]) -> set[int]:
-        """Slot holders to take no new requests while adapters wait for a slot (Placement)."""
-        return self.placement.to_drain(wanted, busy, draining)
+    # -- the scheduler's (engine thread) -----------------------------------------------------
 
     def unplaced(self) -> list[AdapterEntry]:
-        """Registered adapters with a host copy and no slot, pinned ones first."""
+        """Registered adapters with a host copy and no LoRA slot, pinned ones first; a pinned
+        adapter pushed to disk before its pin is read back."""
         with self.lock:
             for entry in self.entries.values():
-                if entry.pinned and entry.slot is None and entry.weights is None:
-                    self.placement.reload(entry)  # a pinned adapter pushed to disk before its pin
-            waiting = [e for e in self.entries.values() if e.slot is None and e.weights]
+                if entry.pinned and entry.lora_slot is None and entry.weights is None:
+                    self.host.read_back(entry)
+            waiting = [e for e in self.entries.values() if e.lora_slot is None and e.weights]
         return sorted(waiting, key=lambda e: (not e.pinned, e.loaded_at))
 
-    def fail(self, entry: AdapterEntry, error: str) -> None:
-        """Stop serving an adapter that could not be put in its slot; the operator sees why."""
-        self.placement.fail(entry, error)
-
-    def reap(self) -> list[int]:
-        """Free retired entries no request holds any more; returns the slots to clear."""
-        cleared = []
+    def reap(self) -> list[AdapterEntry]:
+        """Retired entries no request holds any more, their host copies dropped; the caller
+        frees their LoRA slots."""
         with self.lock:
-            for entry in [e for e in self.retired if e.refs == 0]:
+            done = [e for e in self.retired if e.refs == 0]
+            for entry in done:
                 self.retired.remove(entry)
-                slot = self.placement.free(entry)
-                if slot is not None:
-                    cleared.append(slot)
-        return cleared
+                self.host.drop(entry)
+        return done
+
+    def fail(self, entry: AdapterEntry, error: str) -> None:
+        """Stop serving an adapter whose weights could not be copied into its LoRA slot (the
+        caller took the slot back); the operator sees why."""
+        with self.lock:
+            entry.error = error
 
     def stop_loading(self) -> None:
         """Shutdown: cancel the loads in flight, so their threads end and the process can
@@ -304,7 +296,7 @@ class AdapterManager:
 
     def close(self) -> None:
         self.stop_loading()
-        self.placement.close()
+        self.host.close()
 
 
 __all__ = ["AdapterEntry", "AdapterManager", "Loading", "ModelFacts", "check_name"]

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 async def drain(runtime: Runtime, deadline_s: float) -> None:
     """Stop taking requests, then give running ones until the deadline to finish."""
-    runtime.engine.begin_drain()
+    runtime.engine.begin_shutdown()
     end = time.monotonic() + deadline_s
     while not runtime.engine.idle() and time.monotonic() < end:
         await asyncio.sleep(0.05)
@@ -94,9 +94,11 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz():
-        if runtime.ready and not runtime.engine.draining:
+        if runtime.ready and not runtime.engine.shutting_down:
             return {"status": "ready"}
-        reason = "draining" if runtime.engine.draining else (runtime.preload_error or "loading")
+        reason = (
+            "draining" if runtime.engine.shutting_down else (runtime.preload_error or "loading")
+        )
         return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
 
     @app.get("/metrics")

@@ -130,10 +130,10 @@ def absorb(result: Result, out: Output) -> None:
 
 
 def submit(runtime: Runtime, ids: list[int], params: SamplingParams, adapter: str | None):
-    return runtime.engine.submit(ids, params, adapter)
+    return runtime.engine.submit([ids], params, adapter)[0]
 
 
 def submit_many(
     runtime: Runtime, prompts: list[list[int]], params: SamplingParams, adapter: str | None
 ):
-    return runtime.engine.submit_many(prompts, params, adapter)
+    return runtime.engine.submit(prompts, params, adapter)
