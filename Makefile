@@ -12,7 +12,7 @@ include e2e/cluster/versions.env
 HELM := $(LORAPLANE_CACHE)/bin/helm-$(HELM_VERSION)/helm
 CHART := charts/loraplane
 
-.PHONY: help install test test-slow test-gpu lint typecheck crds verify demo \
+.PHONY: help install test test-slow test-gpu lint typecheck crds verify demo demo-runtime \
         cluster-bins cluster-up cluster-down kubeconfig kubectl bench-cpu bench-gpu e2e clean \
         up down helm-lint
 
@@ -56,7 +56,10 @@ helm-lint: ## Lint the chart strictly: defaults, namespaced standalone, and the 
 	$(HELM) lint --strict --quiet --kube-version $(K8S_VERSION) $(CHART) --set 'watchNamespaces={team-a}' --set leaderElection.enabled=false
 	$(HELM) lint --strict --quiet --kube-version $(K8S_VERSION) $(CHART) --values e2e/cluster/values-local.yaml
 
-demo: install ## Run the main job: the runtime serving an embedded tiny model with hot-loaded adapters
+demo: install cluster-bins ## Run the main job: cluster, operator by helm, a model + 3 adapters applied, answers, scaling
+	$(PY) -m e2e.demo
+
+demo-runtime: install ## The runtime alone: an embedded tiny model with hot-loaded adapters, no cluster
 	$(PY) -m loraplane.demo
 
 cluster-bins: ## Build (cached) kube-apiserver, etcd, controller-manager, scheduler, kubectl, helm, kwok
