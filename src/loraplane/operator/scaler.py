@@ -16,6 +16,14 @@ from typing import Any
 from loraplane.api import BASE_MODEL_DEPLOYMENT, BaseModelDeployment, ConditionStatus, format_milli
 
 from .autoscaler import ScaleReason, ScaleState, decide
+from .demand import (
+    RouterMetricsError,
+    RouterSample,
+    RouterTarget,
+    held_requests,
+    parse_router_metrics,
+    router_targets,
+)
 from .fleet import Fleet, ScalingReport
 from .pods import RuntimePod
 from .rates import MetricsError, PodSample, RateTracker, parse_metrics
@@ -34,7 +42,10 @@ class Scaler:
         self.enabled = False
 
     async def tick(
-        self, base: Mapping[str, Any], pod_bodies: Sequence[Mapping[str, Any]], held: int = 0
+        self,
+        base: Mapping[str, Any],
+        pod_bodies: Sequence[Mapping[str, Any]],
+        router_bodies: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         fleet = self.fleet
         bmd = BaseModelDeployment.model_validate(
@@ -47,6 +58,9 @@ class Scaler:
                 await asyncio.gather(*(self._scrape(p, bmd.spec.runtime.port) for p in pods)),
                 strict=True,
             )
+        )
+        held = held_requests(
+            await asyncio.gather(*(self._scrape_router(t) for t in router_targets(router_bodies)))
         )
         now = time.monotonic()
         self.rates.observe(now, samples, held)
@@ -105,6 +119,14 @@ class Scaler:
             changed
         ):  # the fleet applies the count and writes status; rates alone wait for its resync
             fleet.poke()
+
+    async def _scrape_router(self, target: RouterTarget) -> RouterSample | None:
+        """Requests a router holds: at zero replicas the only sign of demand."""
+        try:
+            address = PodAddress(target.pod, target.ip, target.port)
+            return parse_router_metrics(await self.fleet.runtime.metrics(address))
+        except (RuntimeCallError, RouterMetricsError):
+            return None
 
     async def _scrape(self, pod: RuntimePod, port: int) -> PodSample | None:
         """A pod's counters, or None: a failed scrape is a gap, never a zero."""

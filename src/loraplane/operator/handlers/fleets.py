@@ -11,7 +11,7 @@ import kopf
 
 from loraplane.api import BASE_MODEL_DEPLOYMENT, GROUP, LORA_ADAPTER, VERSION
 
-from .. import names
+from .. import names, routing
 from ..fleet import World
 from .context import Context
 
@@ -38,6 +38,11 @@ def adapters_by_base(namespace: str, body: kopf.Body, spec: kopf.Spec, **_: Any)
 @kopf.index("", "v1", "pods", labels=RUNTIME_PODS)
 def pods_by_base(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
     return {_base_key(namespace, labels): dict(body)}
+
+
+@kopf.index("", "v1", "pods", labels={routing.LABEL_ROUTER_FOR: kopf.PRESENT})
+def routers_by_base(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict:
+    return {(namespace or "", labels.get(routing.LABEL_ROUTER_FOR, "")): dict(body)}
 
 
 @kopf.index("apps", "v1", "deployments", labels=OURS)
@@ -123,15 +128,18 @@ async def run_autoscaler(
     stopped: kopf.DaemonStopped,
     memo: kopf.Memo,
     pods_by_base: kopf.Index,
+    routers_by_base: kopf.Index,
     **_: Any,
 ) -> None:
-    """Scrape the base's pods and decide its replica count every few seconds."""
+    """Scrape the base's pods and routers and decide its replica count every few seconds."""
     ctx: Context = memo.ctx
     key = (namespace, name)
     try:
         while not stopped:
             try:
-                await ctx.scaler(namespace, name).tick(dict(body), list(pods_by_base.get(key, [])))
+                await ctx.scaler(namespace, name).tick(
+                    dict(body), list(pods_by_base.get(key, [])), list(routers_by_base.get(key, []))
+                )
             except Exception as e:  # the next tick measures again
                 log.exception("autoscaling %s/%s failed: %s", namespace, name, e)
             await stopped.wait(ctx.config.autoscale_seconds)
