@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from loraplane.runtime.sequence import Sequence
+if TYPE_CHECKING:  # sequence -> sampling -> here: InvalidRequest must not need Sequence
+    from loraplane.runtime.sequence import Sequence
 
 # Why a request ended in an error: the HTTP layer turns each into its status.
 GENERATION_FAILED = "generation_failed"  # 500: this request's forward or sampling failed

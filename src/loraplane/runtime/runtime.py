@@ -1,4 +1,5 @@
-"""Runtime: the parts of one serving process wired together from a RuntimeConfig."""
+"""Runtime: the parts of one serving process wired together from a RuntimeConfig, and the one
+surface (facade.RuntimeAPI) the HTTP routes use of them."""
 
 from __future__ import annotations
 
@@ -6,15 +7,26 @@ import logging
 import time
 from pathlib import Path
 
-from loraplane.api.wire import redact_source
+from loraplane.api.wire import (
+    AdapterInfo,
+    AdapterList,
+    AdapterLoadRequest,
+    AdapterUnloaded,
+    redact_source,
+)
+from loraplane.runtime.adapters.errors import AdapterNotFound
 from loraplane.runtime.adapters.guard import FetchLimits, parse_networks
 from loraplane.runtime.adapters.manager import AdapterEntry, AdapterManager, ModelFacts
+from loraplane.runtime.adapters.report import describe, describe_loading
 from loraplane.runtime.adapters.sources import Fetcher, split_source
 from loraplane.runtime.config import RuntimeConfig
 from loraplane.runtime.engine import Engine
+from loraplane.runtime.facade import Limits
 from loraplane.runtime.metrics import Metrics
 from loraplane.runtime.model import ModelConfig
 from loraplane.runtime.model_runner import ModelRunner
+from loraplane.runtime.outputs import RequestStream
+from loraplane.runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +81,16 @@ class Runtime:
         self.ready = False
         self.preload_error: str | None = None
         self.started_at = time.time()
+        self.base_source = redact_source(config.model)
+        self.admin_token = config.admin_token
+        self.limits = Limits(
+            max_seq_len=self.engine.max_seq_len,
+            vocab_size=self.runner.model.config.vocab_size,
+            default_max_tokens=config.default_max_tokens,
+            max_request_bytes=config.max_request_bytes,
+            shutdown_timeout_s=config.shutdown_timeout_s,
+        )
+        self._special_ids = set(self.tokenizer.all_special_ids)
 
     def _model_dir(self) -> Path:
         if "://" not in self.config.model:
@@ -87,18 +109,106 @@ class Runtime:
         if engine is not None:
             engine.notify()
 
-    def start_adapters(self) -> None:
+    # -- requests -------------------------------------------------------------------------------
+
+    def submit(
+        self, prompts: list[list[int]], params: SamplingParams, adapter: str | None
+    ) -> list[RequestStream]:
+        return self.engine.submit(prompts, params, adapter)
+
+    def encode(self, text: str, special: bool) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=special))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def chat_text(self, messages: list[dict[str, str]]) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        )
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    # -- health and lifecycle -------------------------------------------------------------------
+
+    def readiness(self) -> str | None:
+        if self.engine.shutting_down:
+            return "draining"  # the word /readyz has always answered (wire behaviour)
+        if not self.ready:
+            return self.preload_error or "loading"
+        return None
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render(self.adapters.tiers())
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def preload_adapters(self) -> None:
         """Load the --adapter preloads; ready only once all are in. Runs off the event loop."""
         try:
             for name, source in self.config.adapters.items():
-                self.load_adapter(name, source)
+                self._register(name, source)
         except Exception as e:
             self.preload_error = f"preloading adapters failed: {e}"
             log.error("%s", self.preload_error)
             return
         self.ready = True
 
-    def load_adapter(self, name: str, source: str, **kwargs) -> tuple[AdapterEntry, bool]:
+    def stop_taking_requests(self) -> None:
+        self.engine.begin_shutdown()
+
+    def idle(self) -> bool:
+        return self.engine.idle()
+
+    # -- adapters -------------------------------------------------------------------------------
+
+    def served_adapter(self, name: str) -> AdapterInfo:
+        return describe(self.adapters.get(name))
+
+    def served_adapters(self) -> list[AdapterInfo]:
+        return [describe(e) for e in self.adapters.registered()]
+
+    def list_adapters(self) -> AdapterList:
+        adapters = [describe(e) for e in self.adapters.registered()]
+        adapters += [describe(e) for e in self.adapters.unloading()]  # deleted, still finishing
+        loaded = {a.name for a in adapters}
+        for name, inflight in sorted(self.adapters.loading_now().items()):
+            if name not in loaded:  # a replacement in flight: the served entry is what counts
+                adapters.append(describe_loading(name, inflight))
+        return AdapterList(adapters=adapters)
+
+    def get_adapter(self, name: str) -> AdapterInfo:
+        try:
+            return describe(self.adapters.get(name))
+        except AdapterNotFound:
+            inflight = self.adapters.loading_now().get(name)
+            if inflight is not None:
+                return describe_loading(name, inflight)  # as the list shows it
+            for entry in self.adapters.unloading():
+                if entry.name == name:
+                    return describe(entry)
+            raise
+
+    def load_adapter(self, name: str, body: AdapterLoadRequest) -> tuple[AdapterInfo, bool]:
+        entry, created = self._register(
+            name,
+            body.source,
+            revision=body.revision,
+            sha256=body.sha256,
+            pinned=body.pinned,
+            credentials=body.credentials,
+        )
+        return describe(entry), created
+
+    def unload_adapter(self, name: str) -> AdapterUnloaded:
+        entry = self.adapters.unregister(name)
+        state = "unloading" if entry is not None and entry.refs else "unloaded"
+        return AdapterUnloaded(name=name, state=state)
+
+    def _register(self, name: str, source: str, **kwargs) -> tuple[AdapterEntry, bool]:
         started = time.monotonic()
         entry, created = self.adapters.register(name, source, **kwargs)
         if created:

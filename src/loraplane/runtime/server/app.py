@@ -13,19 +13,19 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from loraplane.runtime.runtime import Runtime
+from loraplane.runtime.facade import RuntimeAPI
 from loraplane.runtime.server import admin_routes, errors, openai_routes, tgi_routes
 
 log = logging.getLogger(__name__)
 
 
-async def drain(runtime: Runtime, deadline_s: float) -> None:
+async def finish_running(runtime: RuntimeAPI, deadline_s: float) -> None:
     """Stop taking requests, then give running ones until the deadline to finish."""
-    runtime.engine.begin_shutdown()
+    runtime.stop_taking_requests()
     end = time.monotonic() + deadline_s
-    while not runtime.engine.idle() and time.monotonic() < end:
+    while not runtime.idle() and time.monotonic() < end:
         await asyncio.sleep(0.05)
-    if not runtime.engine.idle():
+    if not runtime.idle():
         log.warning("shutdown deadline passed with requests still running; aborting them")
 
 
@@ -68,21 +68,21 @@ class BodyLimit:
         )
 
 
-def create_app(runtime: Runtime) -> FastAPI:
+def create_app(runtime: RuntimeAPI) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        runtime.engine.start()
-        preload = asyncio.create_task(asyncio.to_thread(runtime.start_adapters))
+        runtime.start()
+        preload = asyncio.create_task(asyncio.to_thread(runtime.preload_adapters))
         try:
             yield
         finally:
             preload.cancel()
-            await drain(runtime, runtime.config.shutdown_timeout_s)
+            await finish_running(runtime, runtime.limits.shutdown_timeout_s)
             runtime.stop()
 
     app = FastAPI(title="loraplane runtime", lifespan=lifespan)
     app.state.runtime = runtime
-    app.add_middleware(BodyLimit, limit=runtime.config.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=runtime.limits.max_request_bytes)
     errors.install(app)
     app.include_router(openai_routes.router)
     app.include_router(tgi_routes.router)
@@ -94,17 +94,13 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz():
-        if runtime.ready and not runtime.engine.shutting_down:
+        reason = runtime.readiness()
+        if reason is None:
             return {"status": "ready"}
-        reason = (
-            "draining" if runtime.engine.shutting_down else (runtime.preload_error or "loading")
-        )
         return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        return Response(
-            runtime.metrics.render(runtime.adapters.tiers()), media_type=CONTENT_TYPE_LATEST
-        )
+        return Response(runtime.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplane.api.wire import ErrorBody
 from loraplane.runtime.adapters.errors import AdapterError
-from loraplane.runtime.engine import QueueFull, ShuttingDown
+from loraplane.runtime.outputs import InvalidRequest, QueueFull, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def as_api_error(exc: Exception, request: Request) -> APIError:
         ):
             return APIError(404, exc.message, "invalid_request_error", "model_not_found", "model")
         return APIError(exc.status, exc.message, "invalid_request_error", exc.kind, exc.field)
-    if isinstance(exc, ValueError):
+    if isinstance(exc, InvalidRequest):  # only this is the client's fault; anything else is a bug
         status = 422 if is_tgi(request) else 400
         return APIError(status, str(exc), "invalid_request_error", "validation")
     raise exc
@@ -141,5 +141,5 @@ def install(app) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(Exception, on_bug)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    for exc_type in (APIError, QueueFull, ShuttingDown, AdapterError, ValueError):
+    for exc_type in (APIError, QueueFull, ShuttingDown, AdapterError, InvalidRequest):
         app.add_exception_handler(exc_type, on_error)

@@ -7,24 +7,23 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from loraplane.runtime.engine import Output, RequestStream
-from loraplane.runtime.outputs import GENERATION_FAILED
-from loraplane.runtime.runtime import Runtime
+from loraplane.runtime.facade import RuntimeAPI
+from loraplane.runtime.outputs import GENERATION_FAILED, Output, RequestStream
 from loraplane.runtime.sampling import SamplingParams
 from loraplane.runtime.server.errors import APIError
 
 DISCONNECT_POLL_S = 0.5
 
 
-def resolve_adapter(runtime: Runtime, model: str | None) -> str | None:
+def resolve_adapter(runtime: RuntimeAPI, model: str | None) -> str | None:
     """None for the base model, else the adapter's name; 404 when neither."""
     if model is None or model in ("", runtime.base_name):
         return None
-    entry = runtime.adapters.get(model)  # raises AdapterNotFound -> 404
-    if entry.error:
+    adapter = runtime.served_adapter(model)  # raises AdapterNotFound -> 404
+    if adapter.error:
         raise APIError(
             503,
-            f"adapter {model!r} cannot be served: {entry.error}; load it again",
+            f"adapter {model!r} cannot be served: {adapter.error}; load it again",
             "server_error",
             "adapter_failed",
         )
@@ -37,13 +36,13 @@ PREFIX_CHARS_PER_TOKEN = 16
 
 
 async def tokenize(
-    runtime: Runtime, prompt: str | list[int], param: str = "prompt", special: bool = True
+    runtime: RuntimeAPI, prompt: str | list[int], param: str = "prompt", special: bool = True
 ) -> list[int]:
     """A prompt's token ids, encoded as PEFT, vLLM and TGI do (BOS where the tokenizer adds
     one; special=False for text a chat template has already framed). Off the event loop, so
     a long prompt never stalls /healthz or other requests."""
     if isinstance(prompt, list):
-        vocab = runtime.runner.model.config.vocab_size
+        vocab = runtime.limits.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise APIError(
@@ -51,11 +50,10 @@ async def tokenize(
             )
         return list(prompt)
     check_text(prompt, param)
-    limit = runtime.engine.max_seq_len
-    encode = runtime.tokenizer.encode
+    limit = runtime.limits.max_seq_len
     head = PREFIX_CHARS_PER_TOKEN * limit
     if len(prompt) > head:
-        prefix = await asyncio.to_thread(encode, prompt[:head], add_special_tokens=special)
+        prefix = await asyncio.to_thread(runtime.encode, prompt[:head], special)
         if len(prefix) > limit + 1:  # +1: the cut may split one token into two
             raise APIError(
                 400,
@@ -63,7 +61,7 @@ async def tokenize(
                 "shorten it",
                 param=param,
             )
-    return await asyncio.to_thread(encode, prompt, add_special_tokens=special)
+    return await asyncio.to_thread(runtime.encode, prompt, special)
 
 
 def check_text(text: str, param: str) -> None:
@@ -129,11 +127,5 @@ def absorb(result: Result, out: Output) -> None:
         result.completion_tokens = out.completion_tokens
 
 
-def submit(runtime: Runtime, ids: list[int], params: SamplingParams, adapter: str | None):
-    return runtime.engine.submit([ids], params, adapter)[0]
-
-
-def submit_many(
-    runtime: Runtime, prompts: list[list[int]], params: SamplingParams, adapter: str | None
-):
-    return runtime.engine.submit(prompts, params, adapter)
+def submit(runtime: RuntimeAPI, ids: list[int], params: SamplingParams, adapter: str | None):
+    return runtime.submit([ids], params, adapter)[0]

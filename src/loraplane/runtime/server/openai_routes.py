@@ -12,8 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from loraplane.api.wire import redact_source
-from loraplane.runtime.runtime import Runtime
+from loraplane.runtime.facade import RuntimeAPI
 from loraplane.runtime.server.errors import GENERATION_ERRORS, APIError
 from loraplane.runtime.server.generation import (
     Result,
@@ -22,7 +21,6 @@ from loraplane.runtime.server.generation import (
     collect,
     resolve_adapter,
     submit,
-    submit_many,
     tokenize,
 )
 from loraplane.runtime.server.openai_schemas import ChatRequest, CompletionRequest
@@ -30,7 +28,7 @@ from loraplane.runtime.server.openai_schemas import ChatRequest, CompletionReque
 router = APIRouter(responses=GENERATION_ERRORS)
 
 
-def _runtime(request: Request) -> Runtime:
+def _runtime(request: Request) -> RuntimeAPI:
     return request.app.state.runtime
 
 
@@ -89,7 +87,7 @@ async def completions(body: CompletionRequest, request: Request):
         )
     # All prompts are queued together or none is (429, too long): one refusal never leaves
     # the others running for nobody, or counted as aborted.
-    streams = submit_many(runtime, ids, params, adapter)
+    streams = runtime.submit(ids, params, adapter)
     try:
         results = await asyncio.gather(*(collect(s, request) for s in streams))
     finally:
@@ -114,7 +112,7 @@ async def completions(body: CompletionRequest, request: Request):
     }
 
 
-async def _chat_prompt(runtime: Runtime, body: ChatRequest) -> list[int]:
+async def _chat_prompt(runtime: RuntimeAPI, body: ChatRequest) -> list[int]:
     if body.tools or body.functions:
         raise APIError(400, "tools are not supported", param="tools")
     # Ignoring it would hand back free text to a client that asked for JSON.
@@ -140,14 +138,9 @@ async def _chat_prompt(runtime: Runtime, body: ChatRequest) -> list[int]:
             content = "".join(parts)
         check_text(content or "", "messages")
         messages.append({"role": m.role, "content": content or ""})
-    tok = runtime.tokenizer
-    if not getattr(tok, "chat_template", None):
+    if not runtime.has_chat_template:
         raise APIError(400, "the base model has no chat template; use /v1/completions")
-    text = str(
-        await asyncio.to_thread(
-            tok.apply_chat_template, messages, add_generation_prompt=True, tokenize=False
-        )
-    )
+    text = await asyncio.to_thread(runtime.chat_text, messages)
     # The template writes BOS itself where the model wants it.
     return await tokenize(runtime, text, "messages", special=False)
 
@@ -161,8 +154,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     ids = await _chat_prompt(runtime, body)
     if body.max_completion_tokens and not body.max_tokens:
         body.max_tokens = body.max_completion_tokens
-    room = runtime.engine.max_seq_len - len(ids)
-    params = body.params(max(1, min(runtime.config.default_max_tokens, room)))
+    room = runtime.limits.max_seq_len - len(ids)
+    params = body.params(max(1, min(runtime.limits.default_max_tokens, room)))
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     stream = submit(runtime, ids, params, adapter)
     if body.stream:
@@ -248,18 +241,19 @@ async def models(request: Request):
             "object": "model",
             "created": created,
             "owned_by": "loraplane",
-            "root": redact_source(runtime.config.model),
+            "root": runtime.base_source,
             "parent": None,
         }
     ]
-    for entry in runtime.adapters.registered():
+    for adapter in runtime.served_adapters():
+        assert adapter.loaded_at is not None  # a registered adapter was loaded
         data.append(
             {
-                "id": entry.name,
+                "id": adapter.name,
                 "object": "model",
-                "created": int(entry.loaded_at),
+                "created": int(adapter.loaded_at.timestamp()),
                 "owned_by": "loraplane",
-                "root": redact_source(entry.source),
+                "root": adapter.source,
                 "parent": runtime.base_name,
             }
         )

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from loraplane.runtime.outputs import InvalidRequest
 from loraplane.runtime.sampling import SamplingParams
 from loraplane.runtime.server.errors import APIError
 
@@ -51,7 +52,7 @@ class _Common(BaseModel):
                 stop=tuple(stop),
                 ignore_eos=self.ignore_eos,
             )
-        except ValueError as e:
+        except InvalidRequest as e:
             raise APIError(400, str(e)) from e
 
 

@@ -10,7 +10,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from loraplane.runtime.runtime import Runtime
+from loraplane.runtime.facade import RuntimeAPI
+from loraplane.runtime.outputs import InvalidRequest
 from loraplane.runtime.sampling import SamplingParams
 from loraplane.runtime.server.errors import GENERATION_ERRORS, APIError
 from loraplane.runtime.server.generation import (
@@ -92,7 +93,7 @@ def _params(p: Parameters) -> SamplingParams:
             seed=p.seed,
             stop=tuple(p.stop),
         )
-    except ValueError as e:
+    except InvalidRequest as e:
         raise APIError(422, str(e), code="validation") from e
 
 
@@ -102,7 +103,7 @@ def _finish(r: Result) -> str:
     return "stop_sequence" if r.stop_hit else "length"
 
 
-def _details(r: Result, seed: int | None, runtime: Runtime, with_tokens: bool) -> dict:
+def _details(r: Result, seed: int | None, runtime: RuntimeAPI, with_tokens: bool) -> dict:
     details: dict[str, Any] = {
         "finish_reason": _finish(r),
         "generated_tokens": r.completion_tokens,
@@ -116,14 +117,14 @@ def _details(r: Result, seed: int | None, runtime: Runtime, with_tokens: bool) -
     return details
 
 
-def _token(t: tuple[int, str, float], runtime: Runtime) -> dict:
+def _token(t: tuple[int, str, float], runtime: RuntimeAPI) -> dict:
     token_id, text, logprob = t
-    special = token_id in runtime.tokenizer.all_special_ids
+    special = runtime.is_special(token_id)
     return {"id": token_id, "text": text, "logprob": logprob, "special": special}
 
 
 async def _start(request: Request, body: GenerateRequest):
-    runtime: Runtime = request.app.state.runtime
+    runtime: RuntimeAPI = request.app.state.runtime
     adapter = resolve_adapter(runtime, body.parameters.adapter_id)
     params = _params(body.parameters)
     ids = await tokenize(runtime, body.inputs, "inputs")
