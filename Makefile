@@ -14,7 +14,7 @@ CHART := charts/loraplane
 
 .PHONY: help install test test-slow test-gpu lint typecheck crds verify demo demo-runtime \
         cluster-bins cluster-up cluster-down kubeconfig kubectl bench-cpu bench-gpu e2e clean \
-        up down helm-lint
+        up down helm-lint images kind-up kind-deploy kind-down
 
 help: ## List every target
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -96,3 +96,24 @@ e2e: install cluster-bins ## End-to-end suite against the local control plane or
 
 clean: ## Remove the venv and local caches in the clone
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
+
+# Images: tagged with the chart's appVersion, which is what the chart's default image tags
+# follow; override IMAGE_REPO (and IMAGE_TAG) to push to your own registry.
+APP_VERSION := $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$$/\1/p' $(CHART)/Chart.yaml)
+IMAGE_REPO ?= ghcr.io/loraplane
+IMAGE_TAG ?= $(APP_VERSION)
+DOCKER ?= docker
+export IMAGE_REPO IMAGE_TAG DOCKER
+
+images: ## Build the operator (slim, no torch) and runtime (CUDA) images; needs Docker with BuildKit
+	$(DOCKER) build -f images/operator.Dockerfile -t $(IMAGE_REPO)/operator:$(IMAGE_TAG) .
+	$(DOCKER) build -f images/runtime.Dockerfile -t $(IMAGE_REPO)/runtime:$(IMAGE_TAG) .
+
+kind-up: ## Create a kind cluster (needs Docker and kind); docs/kind.md
+	e2e/kind/kind.sh up
+
+kind-deploy: images ## Build and load the images, install the chart, serve the tiny model on kind
+	e2e/kind/kind.sh deploy
+
+kind-down: ## Delete the kind cluster
+	e2e/kind/kind.sh down
