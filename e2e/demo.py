@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from e2e.cluster import chart
 from e2e.cluster.controlplane import ControlPlane
-from e2e.cluster.testing import Timeout, wait_for
+from e2e.cluster.testing import Timeout, service_url, wait_for
 from loraplane.api import parse_quantity
 
 NAMESPACE = "loraplane-demo"
@@ -172,26 +172,7 @@ class Demo:
         raise Timeout(f"timed out after {timeout:.0f}s {what}")
 
     def router_url(self) -> str | None:
-        """The router's address as its Service's EndpointSlice gives it, as any client's would;
-        the router pods' own addresses where the node has no routable pod range."""
-        slices = self.get(
-            "endpointslices", "-n", NAMESPACE, "-l", f"kubernetes.io/service-name={BASE}-router"
-        )["items"]
-        for s in slices:
-            port = next((p["port"] for p in s.get("ports") or [] if p.get("port")), None)
-            for ep in s.get("endpoints") or []:
-                if (ep.get("conditions") or {}).get("ready") and port:
-                    return f"http://{ep['addresses'][0]}:{port}"
-        pods = self.get("pods", "-n", NAMESPACE, "-l", f"loraplane.io/router-for={BASE}")["items"]
-        for p in pods:
-            ready = any(
-                c["type"] == "Ready" and c["status"] == "True"
-                for c in p["status"].get("conditions") or []
-            )
-            if ready and p["status"].get("podIP"):
-                port = p["spec"]["containers"][0]["ports"][0]["containerPort"]
-                return f"http://{p['status']['podIP']}:{port}"
-        return None
+        return service_url(self.get, NAMESPACE, f"{BASE}-router", f"loraplane.io/router-for={BASE}")
 
     def goodbye(self) -> None:
         kc = self.cp.kubeconfig()

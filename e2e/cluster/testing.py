@@ -265,3 +265,24 @@ def kwok_nodes(kube: Kube, prefix: str, count: int, gpus: int = 8) -> Iterator[l
         yield names
     finally:
         kube.kubectl("delete", "node", *names, "--wait=false", check=False)
+
+
+def service_url(
+    get_json: Callable[..., dict], namespace: str, service: str, pod_selector: str
+) -> str | None:
+    """http://address:port of a ready backend of a Service, as its EndpointSlice gives it (as any
+    in-cluster client's would); where pods have loopback addresses, which EndpointSlices
+    refuse, a ready pod's own address from the selector. get_json(*kubectl get args)."""
+    slices = get_json(
+        "endpointslices", "-n", namespace, "-l", f"kubernetes.io/service-name={service}"
+    )
+    for s in slices["items"]:
+        port = next((p["port"] for p in s.get("ports") or [] if p.get("port")), None)
+        for ep in s.get("endpoints") or []:
+            if (ep.get("conditions") or {}).get("ready") and port:
+                return f"http://{ep['addresses'][0]}:{port}"
+    for pod in get_json("pods", "-n", namespace, "-l", pod_selector)["items"]:
+        ip = pod["status"].get("podIP")
+        if is_ready(pod) and ip and not pod["metadata"].get("deletionTimestamp"):
+            return f"http://{ip}:{pod['spec']['containers'][0]['ports'][0]['containerPort']}"
+    return None
