@@ -66,7 +66,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def build(work: Path, size: str):
-    from loraplane.runtime.tiny import TinyAdapterSpec, TinyModelSpec, build_adapter, build_model
+    from loraplane.testing.tiny import TinyAdapterSpec, TinyModelSpec, build_adapter, build_model
 
     spec, n_adapters, *_ = SIZES[size]
     base = work / f"base-{size}"
@@ -89,7 +89,7 @@ def build(work: Path, size: str):
 
 
 def workload(names: list[str], n: int, tokenizer) -> list[tuple[str | None, str]]:
-    from loraplane.runtime.tiny import CORPUS
+    from loraplane.testing.tiny import CORPUS
 
     jobs = []
     for i in range(n):

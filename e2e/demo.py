@@ -80,7 +80,7 @@ class Demo:
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
             warnings.filterwarnings("ignore", category=FutureWarning)
-            from loraplane.runtime.tiny import build_taught_demo
+            from loraplane.testing.tiny import build_taught_demo
 
             base, adapters = build_taught_demo(self.cache / "models")
             print(f"      base {base}; adapters {', '.join(adapters)} (real PEFT files)")
@@ -119,7 +119,7 @@ class Demo:
     def ask(self, adapters: dict[str, Path]) -> str:
         with self.stage("Asking each adapter through the deployment's endpoint", "OpenAI client"):
             url = wait_for(self.router_url, 120, "the router's Service to have a ready endpoint")
-            from loraplane.runtime.tiny import DEMO_PROMPT
+            from loraplane.testing.tiny import DEMO_PROMPT
 
             answers = asyncio.run(ask_all(url, [BASE, *adapters], DEMO_PROMPT))
             bmd = self.get("bmd", BASE, "-n", NAMESPACE)

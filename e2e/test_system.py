@@ -33,8 +33,8 @@ from e2e.cluster.testing import (
     service_url,
     wait_for,
 )
-from loraplane.runtime.tiny import DEMO_LESSONS
-from loraplane.runtime.tiny import DEMO_PROMPT as LESSON_PROMPT
+from loraplane.testing.tiny import DEMO_LESSONS
+from loraplane.testing.tiny import DEMO_PROMPT as LESSON_PROMPT
 
 pytestmark = pytest.mark.e2e
 
@@ -70,7 +70,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         root = Path(given)
         adapters = {n: root / "taught" / n for n in ("sql-expert", "support-bot", "poet")}
         return {"base": root / "base", **adapters}
-    from loraplane.runtime.tiny import build_taught_demo
+    from loraplane.testing.tiny import build_taught_demo
 
     cache = Path(os.environ.get("LORAPLANE_CACHE", Path.home() / ".cache" / "loraplane"))
     base, adapters = build_taught_demo(cache / "demo" / "models")

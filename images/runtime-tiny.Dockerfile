@@ -8,7 +8,7 @@
 ARG RUNTIME_IMAGE
 FROM ${RUNTIME_IMAGE}
 USER 0:0
-RUN python3 -c "from loraplane.runtime.tiny import build_demo; build_demo('/models/tiny')" \
+RUN python3 -c "from loraplane.testing.tiny import build_demo; build_demo('/models/tiny')" \
  && chmod -R a+rX /models
 USER 65532:65532
 ENTRYPOINT ["loraplane-runtime"]

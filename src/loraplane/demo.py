@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from loraplane.runtime.tiny import DEMO_PROMPT
+from loraplane.testing.tiny import DEMO_PROMPT
 
 BASE_NAME = "tiny-llama"
 METRIC_PREFIXES = (
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     os.environ.update({k: os.environ.get(k, v) for k, v in quiet.items()})
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    from loraplane.runtime.tiny import build_taught_demo
+    from loraplane.testing.tiny import build_taught_demo
 
     print(f"building the tiny base model and adapters in {args.cache_dir} ...", flush=True)
     # Each adapter is taught one line to say after the prompt; the random base says noise.

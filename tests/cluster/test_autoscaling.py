@@ -30,7 +30,7 @@ LOAD_SECONDS = 40
 def scaling_fleet(kube: Kube, crds: list[str], tmp_path_factory) -> Iterator[dict]:
     if kube.local is None:
         pytest.skip("runs runtime pods as local processes: needs the node agent")
-    from loraplane.runtime.tiny import build_demo
+    from loraplane.testing.tiny import build_demo
 
     base, adapters = build_demo(tmp_path_factory.mktemp("scaling-models"))
     ns = new_namespace(kube, "autoscaling")

@@ -37,7 +37,7 @@ from loraplane.api.wire import READINESS_GATE
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from loraplane.runtime.tiny import TinyAdapterSpec, build_adapter, build_demo
+    from loraplane.testing.tiny import TinyAdapterSpec, build_adapter, build_demo
 
     root = tmp_path_factory.mktemp("operator-models")
     base, adapters = build_demo(root)
@@ -234,7 +234,7 @@ def test_changing_the_base_keeps_old_pods_serving_until_adapters_fit(
 ) -> None:
     """The new base refuses the adapters: its pod never opens its gate, the old pod serves,
     the adapters say why and the deployment names them; deleting them finishes the rollout."""
-    from loraplane.runtime.tiny import TinyModelSpec, build_model
+    from loraplane.testing.tiny import TinyModelSpec, build_model
 
     ns = fleet["ns"]
     other = build_model(

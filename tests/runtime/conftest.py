@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from loraplane.runtime.tiny import (
+from loraplane.testing.tiny import (
     ALL_TARGETS,
     TinyAdapterSpec,
     TinyModelSpec,

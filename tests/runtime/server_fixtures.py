@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loraplane.runtime.tiny import TinyModelSpec, build_demo, build_model
+from loraplane.testing.tiny import TinyModelSpec, build_demo, build_model
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from loraplane import demo
-from loraplane.runtime.tiny import DEMO_ADAPTERS, DEMO_LESSONS
+from loraplane.testing.tiny import DEMO_ADAPTERS, DEMO_LESSONS
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):

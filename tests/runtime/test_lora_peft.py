@@ -8,7 +8,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loraplane.runtime.lora import inject_lora, read_peft_adapter, token_slots_for_rows
-from loraplane.runtime.tiny import ALL_TARGETS
+from loraplane.testing.tiny import ALL_TARGETS
 
 # Row → adapter (None = base). Repeats and a base row in the middle make segments uneven.
 ROWS = ["qv8", None, "all16", "rs4", "pattern", "all16", None, "qv8"]

@@ -198,7 +198,7 @@ def test_siblings_share_one_shrink_launch(lora_models, monkeypatch):
 
     from loraplane.runtime.kernels import lora_shrink
     from loraplane.runtime.lora import group, layer
-    from loraplane.runtime.tiny import ALL_TARGETS
+    from loraplane.testing.tiny import ALL_TARGETS
 
     base_dir, adapters = lora_models("llama")
     model = AutoModelForCausalLM.from_pretrained(str(base_dir)).to(KERNEL_DEVICE).eval()
