@@ -54,7 +54,9 @@ def test_unknown_adapter_is_the_runtimes_404(api: Api) -> None:
 
 @pytest.mark.parametrize("api", list(Api))
 def test_a_malformed_body_is_the_runtimes_validation_refusal(api: Api) -> None:
-    status, body = runtime_answer(PATHS[api], ValueError("bad"))
+    from loraplane.runtime.outputs import InvalidRequest
+
+    status, body = runtime_answer(PATHS[api], InvalidRequest("bad"))
     refusal = errors.invalid(api, "bad")
     assert refusal.status == status
     same_shape(refusal.body(api), body)

@@ -84,7 +84,7 @@ def create_app(router: Router, access: Access, config: RouterConfig) -> Starlett
                 await gone
         if isinstance(result, Refusal):
             return refuse(api, result, count=False)  # forward counted it under its adapter
-        return _stream(result)
+        return _respond(result)
 
     async def models(request: Request) -> Response:
         if not access.allows(request.headers.get("authorization")):
@@ -145,10 +145,17 @@ async def _disconnect(receive: Receive) -> None:
         pass
 
 
-def _stream(answer: Answer) -> Response:
-    response = StreamingResponse(answer.chunks, status_code=answer.status)
-    response.raw_headers = [
-        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers
+def _respond(answer: Answer) -> Response:
+    response: Response
+    if answer.chunks is None:
+        response = Response(answer.body, status_code=answer.status)
+    else:
+        response = StreamingResponse(answer.chunks, status_code=answer.status)
+    own = [(k, v) for k, v in response.raw_headers if k == b"content-length"]
+    response.raw_headers = own + [
+        (k.lower().encode("latin-1"), v.encode("latin-1"))
+        for k, v in answer.headers
+        if k.lower() != "content-length" or answer.chunks is not None
     ]
     return response
 

@@ -41,11 +41,12 @@ class Call:
 
 @dataclass
 class Answer:
-    """A pod's answer to stream to the client; `chunks` ends it and releases the pod."""
+    """A pod's answer: `body` whole, or `chunks` to stream (ending it releases the pod)."""
 
     status: int
     headers: list[tuple[str, str]]
-    chunks: AsyncIterator[bytes]
+    body: bytes | None = None
+    chunks: AsyncIterator[bytes] | None = None
 
 
 class Router:
@@ -58,6 +59,7 @@ class Router:
         self.outstanding: dict[str, int] = {}  # pod -> requests sent there and not finished
         self.holds = HoldQueue(config.max_held, metrics.set_held)
         self._turn = itertools.count()
+        self._cleanups: set[asyncio.Future] = set()
 
     # ---- the watches' side ------------------------------------------------------------------
 
@@ -66,6 +68,18 @@ class Router:
         self.metrics.ready_pods.set(len(self.table.backends))
         if self.synced.is_set():
             self.holds.release(lambda h: choose(self.table, h.target, {}, h.exclude) is not None)
+        self._forget_pods()
+
+    def _forget_pods(self) -> None:
+        """Close the connections of pods that left the table once nothing runs on them."""
+        live = {(b.name, b.url) for b in self.table.backends.values()}
+
+        def keep(pod: str, url: str) -> bool:
+            return (pod, url) in live or pod in self.outstanding
+
+        task = asyncio.ensure_future(self.upstream.forget(keep))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     # ---- the requests' side -----------------------------------------------------------------
 
@@ -88,7 +102,7 @@ class Router:
                 continue
             result = await self._try(choice, call)
             if isinstance(result, Opened):
-                return self._answer(call.target, choice, result, started)
+                return await self._answer(call.target, choice, result, started)
             failed = result
             tried[choice.pod.name] = self.table.admitted.get(choice.pod.name, 0)
             another = choose(self.table, call.target, {}, self._avoid(tried)) is not None
@@ -167,11 +181,20 @@ class Router:
         left = self.outstanding.get(pod, 0) - 1
         if left > 0:
             self.outstanding[pod] = left
-        else:
-            self.outstanding.pop(pod, None)
+            return
+        self.outstanding.pop(pod, None)
+        if pod not in self.table.backends:  # its last answer ended after it left
+            self._forget_pods()
 
-    def _answer(self, target: Target, choice: Choice, opened: Opened, started: float) -> Answer:
+    async def _answer(
+        self, target: Target, choice: Choice, opened: Opened, started: float
+    ) -> Answer:
         label, pod = target.label, choice.pod.name
+        if opened.whole:
+            await opened.close()
+            self._finished(pod)
+            self._count(label, str(opened.status), started)
+            return Answer(opened.status, opened.headers, body=opened.first)
         self.metrics.in_flight.labels(adapter=label).inc()
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -195,7 +218,7 @@ class Router:
                 with anyio.CancelScope(shield=True):  # a client gone cancels; close anyway
                     await opened.close()
 
-        return Answer(opened.status, opened.headers, chunks())
+        return Answer(opened.status, opened.headers, chunks=chunks())
 
     def _give_up(
         self, target: Target, failed: Failed, attempts: int, started: float
@@ -204,7 +227,7 @@ class Router:
         if failed.answer is not None:
             status, headers, body = failed.answer
             self._count(target.label, str(status), started)
-            return Answer(status, headers, _once(body))
+            return Answer(status, headers, body=body)
         if failed.failure is Failure.TIMEOUT:
             refusal = Refusal(504, failed.message, "server_error", "upstream_timeout")
         else:
@@ -221,7 +244,3 @@ class Router:
     def _count(self, label: str, code: str, started: float) -> None:
         self.metrics.requests.labels(adapter=label, code=code).inc()
         self.metrics.duration.labels(adapter=label).observe(time.monotonic() - started)
-
-
-async def _once(body: bytes) -> AsyncIterator[bytes]:
-    yield body

@@ -7,7 +7,7 @@ request that broke before any byte go to another pod without the client noticing
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 import httpx
@@ -53,6 +53,13 @@ class Opened:
     rest: AsyncIterator[bytes]
     response: httpx.Response = field(repr=False)
 
+    @property
+    def whole(self) -> bool:
+        """The first chunk is the whole answer (its Content-Length says so): most answers
+        that do not stream, which then need no streaming back."""
+        length = self.response.headers.get("content-length", "")
+        return length.isdigit() and len(self.first) >= int(length)
+
     async def close(self) -> None:
         await self.response.aclose()
 
@@ -66,33 +73,52 @@ class Failed:
 
 
 class Upstream:
+    """One connection pool per pod: httpx scans a pool's every connection for each request,
+    so one pool over all pods made a large fleet's pods slow each other down."""
+
     def __init__(self, config: RouterConfig) -> None:
-        self._http = httpx.AsyncClient(
-            # Never a proxy: pod addresses are reachable only directly.
-            trust_env=False,
-            timeout=httpx.Timeout(
-                connect=config.connect_timeout_seconds,
-                read=config.read_timeout_seconds,
-                write=config.connect_timeout_seconds * 10,
-                pool=config.hold_timeout_seconds,
-            ),
-            limits=httpx.Limits(
-                max_connections=config.max_connections,
-                max_keepalive_connections=config.max_connections,
-                keepalive_expiry=KEEPALIVE_SECONDS,
-            ),
-        )
+        self.config = config
+        self._clients: dict[tuple[str, str], httpx.AsyncClient] = {}  # (pod, url) ->
+
+    def _client(self, pod: Backend) -> httpx.AsyncClient:
+        key = (pod.name, pod.url)
+        client = self._clients.get(key)
+        if client is None:
+            c = self.config
+            client = self._clients[key] = httpx.AsyncClient(
+                # Never a proxy: pod addresses are reachable only directly.
+                trust_env=False,
+                timeout=httpx.Timeout(
+                    connect=c.connect_timeout_seconds,
+                    read=c.read_timeout_seconds,
+                    write=c.connect_timeout_seconds * 10,
+                    pool=c.hold_timeout_seconds,
+                ),
+                limits=httpx.Limits(
+                    max_connections=c.max_connections,
+                    max_keepalive_connections=c.max_connections,
+                    keepalive_expiry=KEEPALIVE_SECONDS,
+                ),
+            )
+        return client
+
+    async def forget(self, keep: Callable[[str, str], bool]) -> None:
+        """Close the pools of pods that keep(pod, url) says are gone for good."""
+        gone = [key for key in self._clients if not keep(*key)]
+        for key in gone:
+            await self._clients.pop(key).aclose()
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self.forget(lambda pod, url: False)
 
     async def open(
         self, pod: Backend, method: str, path: str, headers: Mapping[str, str], body: bytes
     ) -> Opened | Failed:
         sent = {k: v for k, v in headers.items() if k.lower() in REQUEST_HEADERS}
-        request = self._http.build_request(method, pod.url + path, headers=sent, content=body)
+        client = self._client(pod)
+        request = client.build_request(method, pod.url + path, headers=sent, content=body)
         try:
-            response = await self._http.send(request, stream=True)
+            response = await client.send(request, stream=True)
         except httpx.HTTPError as e:
             return Failed(_failure(e), f"pod {pod.name} ({pod.url}): {_describe(e)}")
         kept = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in HOP_BY_HOP]
