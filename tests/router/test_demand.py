@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 from prometheus_client import generate_latest
 
+from loraplane.api.wire import ROUTER_METRICS_PORT
 from loraplane.operator.demand import (
     RouterMetricsError,
     RouterSample,
+    RouterTarget,
     held_requests,
     parse_router_metrics,
+    router_targets,
 )
 from loraplane.router.metrics import RouterMetrics
 
@@ -49,3 +52,13 @@ def test_held_requests_sum_over_routers_and_skip_failed_scrapes() -> None:
 def test_what_is_not_a_routers_metrics_is_refused(text: str, message: str) -> None:
     with pytest.raises(RouterMetricsError, match=message):
         parse_router_metrics(text)
+
+
+def test_router_targets_are_every_router_pod_with_an_address() -> None:
+    pods = [
+        {"metadata": {"name": "r2"}, "status": {"podIP": "10.0.0.2"}},
+        {"metadata": {"name": "r1", "deletionTimestamp": "x"}, "status": {"podIP": "10.0.0.1"}},
+        {"metadata": {"name": "r3"}, "status": {}},  # not started: nothing to scrape
+    ]
+    assert router_targets(pods) == [RouterTarget("r1", "10.0.0.1"), RouterTarget("r2", "10.0.0.2")]
+    assert RouterTarget("r", "ip").port == ROUTER_METRICS_PORT

@@ -14,10 +14,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from loraplane.api.wire import ROUTER_METRIC_HELD, ROUTER_METRIC_REQUESTS_TOTAL
+from loraplane.api.wire import (
+    ROUTER_METRIC_HELD,
+    ROUTER_METRIC_REQUESTS_TOTAL,
+    ROUTER_METRICS_PORT,
+)
 
 
 class RouterMetricsError(ValueError):
@@ -62,6 +67,27 @@ def parse_router_metrics(text: str) -> RouterSample:
         held_by_adapter={a: n for a, n in sorted(held.items()) if n},
         requests_by_adapter=dict(sorted(requests.items())),
     )
+
+
+@dataclass(frozen=True)
+class RouterTarget:
+    """Where one router pod's /metrics answers."""
+
+    pod: str
+    ip: str
+    port: int = ROUTER_METRICS_PORT
+
+
+def router_targets(pods: Iterable[Mapping[str, Any]]) -> list[RouterTarget]:
+    """The router pods (selected by routing.selector_labels) worth scraping: every one with an
+    address, terminating ones included, since a router draining still holds requests."""
+    out = []
+    for pod in pods:
+        ip = (pod.get("status") or {}).get("podIP")
+        name = (pod.get("metadata") or {}).get("name", "")
+        if ip:
+            out.append(RouterTarget(name, ip))
+    return sorted(out, key=lambda t: t.pod)
 
 
 def held_requests(samples: Iterable[RouterSample | None]) -> int:
