@@ -27,6 +27,7 @@ from e2e.cluster import chart
 from e2e.cluster.paths import Bins
 from e2e.cluster.testing import (
     Kube,
+    Timeout,
     delete_namespace,
     is_ready,
     new_namespace,
@@ -382,26 +383,42 @@ def test_helm_upgrade_keeps_serving(kube: Kube, system: dict) -> None:
 
 def test_uninstall_leaves_nothing_behind(kube: Kube, system: dict) -> None:
     helm(kube, "uninstall", RELEASE, f"--namespace={SYSTEM_NS}", "--wait")
-    left = kube.kubectl(
-        "get",
-        "all,serviceaccounts,roles,rolebindings,configmaps,secrets",
-        "-n",
-        SYSTEM_NS,
-        "-l",
-        f"app.kubernetes.io/instance={RELEASE}",
-        "-o",
-        "name",
-        check=False,
-    ).stdout.split()
-    cluster = kube.kubectl(
-        "get",
-        "clusterroles,clusterrolebindings",
-        "-l",
-        f"app.kubernetes.io/instance={RELEASE}",
-        "-o",
-        "name",
-    ).stdout.split()
-    assert not left and not cluster, (left, cluster)
+
+    def leftovers() -> list[str]:
+        names = kube.kubectl(
+            "get",
+            "all,serviceaccounts,roles,rolebindings,configmaps,secrets",
+            "-n",
+            SYSTEM_NS,
+            "-l",
+            f"app.kubernetes.io/instance={RELEASE}",
+            "-o",
+            "name",
+            check=False,
+        ).stdout.split()
+        return (
+            names
+            + kube.kubectl(
+                "get",
+                "clusterroles,clusterrolebindings",
+                "-l",
+                f"app.kubernetes.io/instance={RELEASE}",
+                "-o",
+                "name",
+            ).stdout.split()
+        )
+
+    # The operator's pods end after their grace period, a moment after helm returns.
+    left: list[str] = []
+
+    def gone() -> bool:
+        left[:] = leftovers()
+        return not left
+
+    try:
+        wait_for(gone, 90, "nothing of the release left")
+    except Timeout:
+        raise AssertionError(f"helm uninstall left {left}") from None
     assert kube.kubectl("get", "crd", "loraadapters.loraplane.io", check=False).returncode == 0, (
         "CRDs stay"
     )
