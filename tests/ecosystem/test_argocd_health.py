@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lupa.lua51 as lua51
 import pytest
 import yaml
 
@@ -19,8 +20,6 @@ from loraplane.operator.status import (
     base_status,
     blocked_adapter_status,
 )
-
-lua51 = pytest.importorskip("lupa.lua51", reason="lupa is in the dev extra: make install")
 
 ARGOCD = Path(__file__).resolve().parents[2] / "deploy" / "argocd"
 SCRIPTS = {
