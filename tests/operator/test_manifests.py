@@ -107,3 +107,21 @@ def test_service_endpoint_and_secret() -> None:
         "token": "tok"
     }
     assert manifests.new_admin_token() != manifests.new_admin_token()
+
+
+def test_pods_run_non_root_on_a_read_only_root_and_mount_a_pvc_model() -> None:
+    b = BaseModelDeployment.model_validate(
+        {
+            "metadata": {"name": "m", "namespace": "n", "uid": "u"},
+            "spec": {"model": {"source": "pvc://weights/llama-3"}},
+        }
+    )
+    pod = manifests.deployment(b, CONFIG, 1)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounts[CONFIG.cache_root] == "cache" and mounts["/tmp"] == "tmp"
+    assert volumes[mounts["/mnt/pvc/weights"]]["persistentVolumeClaim"]["claimName"] == "weights"
+    assert flag(container["command"], "--model") == "pvc://weights/llama-3"

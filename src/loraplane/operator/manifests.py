@@ -30,6 +30,10 @@ GRACE_MARGIN_SECONDS = 15
 # /healthz has answered, and the startup probe allows this long for that.
 STARTUP_SECONDS = 1800
 STARTUP_PERIOD = 5
+# The images' non-root user (images/*.Dockerfile).
+RUNTIME_UID = 65532
+# Where the runtime finds pvc://claim/path: PVC_ROOT/claim/path (its --pvc-root default).
+PVC_ROOT = "/mnt/pvc"
 
 
 def owner_reference(bmd: BaseModelDeployment) -> dict[str, Any]:
@@ -174,11 +178,34 @@ def _container(bmd: BaseModelDeployment, config: OperatorConfig) -> dict[str, An
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
         },
+        "volumeMounts": [m for m, _ in _volumes(bmd, config)],
     }
     if spec.runtime.image_pull_policy:
         container["imagePullPolicy"] = str(spec.runtime.image_pull_policy)
     return container
+
+
+def _volumes(
+    bmd: BaseModelDeployment, config: OperatorConfig
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(mount, volume) pairs: the root filesystem is read-only, so downloads go to an emptyDir,
+    scratch to /tmp, and a pvc:// base model is read from its claim."""
+    out = [
+        ({"name": "cache", "mountPath": config.cache_root}, {"name": "cache", "emptyDir": {}}),
+        ({"name": "tmp", "mountPath": "/tmp"}, {"name": "tmp", "emptyDir": {}}),
+    ]
+    source = bmd.spec.model.source
+    if source.startswith("pvc://"):
+        claim = source.removeprefix("pvc://").split("/", 1)[0]
+        out.append(
+            (
+                {"name": "model", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True},
+                {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},
+            )
+        )
+    return out
 
 
 def _pod_spec(bmd: BaseModelDeployment, config: OperatorConfig) -> dict[str, Any]:
@@ -190,6 +217,14 @@ def _pod_spec(bmd: BaseModelDeployment, config: OperatorConfig) -> dict[str, Any
         # The runtime's admin API, not the Kubernetes API: no token to mount.
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "runAsGroup": RUNTIME_UID,
+            "fsGroup": RUNTIME_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumes": [v for _, v in _volumes(bmd, config)],
     }
     if spec.runtime.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in spec.runtime.image_pull_secrets]
