@@ -36,6 +36,16 @@ test-slow: install cluster-bins ## Run the slow tests too
 test-gpu: install ## Run the GPU tests (needs CUDA)
 	$(PY) -m pytest -m gpu
 
+.PHONY: test-clients
+CLIENTS_VENV := .venv-clients
+$(CLIENTS_VENV)/.installed: tests/runtime/clients-requirements.txt
+	$(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install -q -r tests/runtime/clients-requirements.txt
+	touch $@
+
+test-clients: install $(CLIENTS_VENV)/.installed ## Run the TGI/LoRAX client tests in their own pinned venv
+	$(PY) -m pytest -m clients tests/runtime
+
 lint: install ## Lint with ruff
 	$(VENV)/bin/ruff check src tests bench e2e
 	$(VENV)/bin/ruff format --check src tests bench e2e

@@ -1,4 +1,5 @@
-"""Shared runtime test setup: the Triton interpreter on CPU-only machines, tiny LoRA fixtures."""
+"""Shared runtime test setup: the Triton interpreter on CPU-only machines, and every fixture
+the runtime tests share (tiny models and adapters, file servers, the step gate)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ if not torch.cuda.is_available():
 from pathlib import Path
 
 import pytest
+from runtime_helpers import StepGate, serve_directory
 
 from loraplane.testing.tiny import (
     ALL_TARGETS,
     TinyAdapterSpec,
     TinyModelSpec,
     build_adapter,
+    build_demo,
     build_model,
 )
 
@@ -60,3 +63,77 @@ def lora_models(tmp_path_factory: pytest.TempPathFactory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    """The demo's base model and adapters, built once per session."""
+    return build_demo(tmp_path_factory.getbasetemp() / "demo")
+
+
+@pytest.fixture(scope="session")
+def arch_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    def build(arch: str) -> Path:
+        out = tmp_path_factory.getbasetemp() / f"model-{arch}"
+        if not (out / "config.json").exists():
+            build_model(out, TinyModelSpec(arch=arch))
+        return out
+
+    return build
+
+
+@pytest.fixture
+def step_gate(monkeypatch: pytest.MonkeyPatch):
+    """gate(runner) puts a closed StepGate in front of runner.run; every gate opens at the end,
+    so an engine thread never stays blocked in a step after its test."""
+    gates: list[StepGate] = []
+
+    def gate(runner) -> StepGate:
+        made = StepGate(runner.run)
+        monkeypatch.setattr(runner, "run", made.run)
+        gates.append(made)
+        return made
+
+    yield gate
+    for made in gates:
+        made.open()
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    server = serve_directory(root)
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def https_root(tmp_path):
+    """An https server on loopback with a throwaway self-signed certificate, and its trust."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    root = tmp_path / "www-tls"
+    root.mkdir()
+    server = serve_directory(root, tls)
+    trust = ssl.create_default_context(cafile=str(cert))
+    yield root, f"https://127.0.0.1:{server.server_address[1]}", trust
+    server.shutdown()
+    server.server_close()

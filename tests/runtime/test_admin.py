@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import httpx
 import pytest
 import torch
-from server_fixtures import (  # noqa: F401
-    RunningServer,
-    copy_adapter,
-    demo_dir,
-    make_config,
-    rewrite_weights,
-)
+from runtime_helpers import RunningServer, copy_adapter, make_config, rewrite_weights, wait_for
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -22,7 +17,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
 
 
 @pytest.fixture(scope="module")
-def server(demo_dir, tmp_path_factory):  # noqa: F811
+def server(demo_dir, tmp_path_factory):
     base, _ = demo_dir
     config = make_config(
         base,
@@ -49,7 +44,7 @@ def test_admin_needs_the_bearer_token(server):
     assert httpx.get(f"{server.url}/v1/models").status_code == 200
 
 
-def test_put_is_idempotent_reports_residency_and_replaces(server, demo_dir, tmp_path):  # noqa: F811
+def test_put_is_idempotent_reports_residency_and_replaces(server, demo_dir, tmp_path):
     _, adapters = demo_dir
     source = f"file://{adapters['sql-expert']}"
     sha = hashlib.sha256((adapters["sql-expert"] / "adapter_model.safetensors").read_bytes())
@@ -175,7 +170,7 @@ def _bad_adapters(adapters, tmp):
     ]
 
 
-def test_every_validation_error_is_a_clear_4xx(server, demo_dir, tmp_path):  # noqa: F811
+def test_every_validation_error_is_a_clear_4xx(server, demo_dir, tmp_path):
     _, adapters = demo_dir
     failures = []
     for name, body, status, words in _bad_adapters(adapters, tmp_path):
@@ -192,7 +187,19 @@ def test_every_validation_error_is_a_clear_4xx(server, demo_dir, tmp_path):  # n
     assert httpx.get(f"{server.url}/v1/adapters", headers=AUTH).json()["adapters"] == []
 
 
-async def test_a_retried_put_joins_the_load_in_flight(server, demo_dir, monkeypatch):  # noqa: F811
+class JoinedEvent(threading.Event):
+    """A load's `done` event that counts the PUTs waiting on it: those that joined the load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiters = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiters += 1
+        return super().wait(timeout)
+
+
+async def test_a_retried_put_joins_the_load_in_flight(server, demo_dir, monkeypatch):
     import asyncio
     import threading
 
@@ -211,14 +218,16 @@ async def test_a_retried_put_joins_the_load_in_flight(server, demo_dir, monkeypa
     body = {"source": str(adapters["sql-expert"])}
     async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as client:
         first = asyncio.create_task(client.put("/v1/adapters/slow", json=body))
-        while not calls:
-            await asyncio.sleep(0.01)
+        await asyncio.to_thread(wait_for, lambda: calls, "the first PUT to fetch")
+        # Watch the load's outcome, which a joining PUT waits on.
+        loading = server.runtime.adapters.loading_now()["slow"]
+        loading.done = joined = JoinedEvent()
         retry = asyncio.create_task(client.put("/v1/adapters/slow", json=body))
         listed = (await client.get("/v1/adapters")).json()["adapters"]
         assert [(a["name"], a["state"]) for a in listed] == [("slow", "loading")]
         one = await client.get("/v1/adapters/slow")
         assert one.status_code == 200 and one.json()["state"] == "loading", one.text
-        await asyncio.sleep(0.1)
+        await asyncio.to_thread(wait_for, lambda: joined.waiters, "the retried PUT to join")
         release.set()
         statuses = sorted([(await first).status_code, (await retry).status_code])
         assert statuses == [200, 201] and len(calls) == 1
@@ -227,7 +236,7 @@ async def test_a_retried_put_joins_the_load_in_flight(server, demo_dir, monkeypa
         assert (await client.delete("/v1/adapters/slow")).status_code == 200
 
 
-async def test_a_delete_during_a_load_cancels_it(server, demo_dir, monkeypatch):  # noqa: F811
+async def test_a_delete_during_a_load_cancels_it(server, demo_dir, monkeypatch):
     import asyncio
     import threading
 
@@ -245,8 +254,7 @@ async def test_a_delete_during_a_load_cancels_it(server, demo_dir, monkeypatch):
     body = {"source": str(adapters["sql-expert"])}
     async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as client:
         put = asyncio.create_task(client.put("/v1/adapters/doomed", json=body))
-        while not started.is_set():
-            await asyncio.sleep(0.01)
+        await asyncio.to_thread(wait_for, started.is_set, "the fetch to start")
         gone = await client.delete("/v1/adapters/doomed")
         assert gone.status_code == 200 and gone.json()["state"] == "unloaded", gone.text
         release.set()
@@ -255,7 +263,7 @@ async def test_a_delete_during_a_load_cancels_it(server, demo_dir, monkeypatch):
         assert (await client.get("/v1/adapters")).json()["adapters"] == []
 
 
-async def test_the_newest_put_wins_over_an_older_slower_one(server, demo_dir, monkeypatch):  # noqa: F811
+async def test_the_newest_put_wins_over_an_older_slower_one(server, demo_dir, monkeypatch):
     import asyncio
     import threading
 
@@ -275,8 +283,7 @@ async def test_the_newest_put_wins_over_an_older_slower_one(server, demo_dir, mo
     newer = copy_adapter(adapters["sql-expert"], server.runtime.config.cache_dir / "newer")
     async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as client:
         old = asyncio.create_task(client.put("/v1/adapters/race", json={"source": slow_source}))
-        while not started.is_set():
-            await asyncio.sleep(0.01)
+        await asyncio.to_thread(wait_for, started.is_set, "the fetch to start")
         r = await client.put("/v1/adapters/race", json={"source": str(newer)})
         assert r.status_code == 201, r.text
         release.set()
@@ -287,7 +294,7 @@ async def test_the_newest_put_wins_over_an_older_slower_one(server, demo_dir, mo
         assert (await client.delete("/v1/adapters/race")).status_code == 200
 
 
-def test_hub_style_names_load_and_are_listed_as_models(server, demo_dir):  # noqa: F811
+def test_hub_style_names_load_and_are_listed_as_models(server, demo_dir):
     """servedName accepts names like Magicoder_v2 (loraplane.api.wire): so must every pod."""
     _, adapters = demo_dir
     r = put(server, "Magicoder_v2.1", source=f"file://{adapters['sql-expert']}")

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import pytest
-from server_fixtures import RunningServer, demo_dir, make_config  # noqa: F401
+from runtime_helpers import RunningServer, make_config, wait_for
 
 
 @pytest.fixture(scope="module")
-def server(demo_dir, tmp_path_factory):  # noqa: F811
+def server(demo_dir, tmp_path_factory):
     base, adapters = demo_dir
     config = make_config(
         base,
@@ -24,14 +23,9 @@ def server(demo_dir, tmp_path_factory):  # noqa: F811
         yield running
 
 
-async def test_a_lone_request_overtakes_another_adapters_burst(server, monkeypatch):
-    real_run = server.runtime.runner.run
-
-    def slow(seqs, slots):
-        time.sleep(0.005)
-        return real_run(seqs, slots)
-
-    monkeypatch.setattr(server.runtime.runner, "run", slow)
+async def test_a_lone_request_overtakes_another_adapters_burst(server, step_gate):
+    gate = step_gate(server.runtime.runner)
+    tally = server.runtime.engine.tally
     finished: list[str] = []
     async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
 
@@ -43,13 +37,13 @@ async def test_a_lone_request_overtakes_another_adapters_burst(server, monkeypat
             assert r.status_code == 200, r.text
             finished.append(tag)
 
+        # The gate holds the first step, so the whole burst is queued before the lone one.
         burst = [asyncio.create_task(one("poet", f"poet-{i}")) for i in range(8)]
-        deadline = time.monotonic() + 30
-        while server.runtime.engine.scheduler.num_waiting < 6:  # the burst is queued
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.005)
-        await one("sql-expert", "sql")
-        await asyncio.gather(*burst)
+        await asyncio.to_thread(wait_for, lambda: tally.in_flight == 8, "the burst accepted")
+        lone = asyncio.create_task(one("sql-expert", "sql"))
+        await asyncio.to_thread(wait_for, lambda: tally.in_flight == 9, "the lone one accepted")
+        gate.open()
+        await asyncio.gather(*burst, lone)
     # Two run at a time; round-robin admits the lone request at the next free row, so it
     # finishes among the first few, not after the whole burst.
     assert finished.index("sql") <= 3, finished

@@ -15,13 +15,13 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_fixtures import RunningServer, demo_dir, make_config, wait_for  # noqa: F401
+from runtime_helpers import RunningServer, make_config, wait_for
 
 EXAMPLES = 100  # per route: about 600 requests in all, ~40 s on two shared cores
 
 
 @pytest.fixture(scope="module")
-def server(demo_dir, tmp_path_factory):  # noqa: F811
+def server(demo_dir, tmp_path_factory):
     base, adapters = demo_dir
     config = make_config(
         base,

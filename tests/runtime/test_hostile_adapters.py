@@ -24,15 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from runtime_helpers import RunningServer, make_config, peft_greedy, serve_directory, wait_for
 from safetensors.torch import load_file, save_file
-from server_fixtures import (  # noqa: F401
-    RunningServer,
-    demo_dir,
-    make_config,
-    peft_greedy,
-    serve_directory,
-    wait_for,
-)
 
 from loraplane.api.wire import AdapterErrorCode
 
@@ -220,7 +213,7 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def server(demo_dir, tmp_path_factory):  # noqa: F811
+def server(demo_dir, tmp_path_factory):
     base, adapters = demo_dir
     tmp = tmp_path_factory.mktemp("hostile")
     config = make_config(
@@ -280,7 +273,7 @@ class Neighbour:
 
 def test_every_hostile_adapter_is_refused_while_a_neighbour_keeps_peft_answers(
     server,
-    demo_dir,  # noqa: F811
+    demo_dir,
     www,
     tmp_path,
     caplog,
@@ -320,7 +313,7 @@ def test_every_hostile_adapter_is_refused_while_a_neighbour_keeps_peft_answers(
     assert httpx.get(f"{server.url}/healthz").status_code == 200
 
 
-def test_a_hostile_pattern_key_runs_in_linear_time(server, demo_dir, tmp_path):  # noqa: F811
+def test_a_hostile_pattern_key_runs_in_linear_time(server, demo_dir, tmp_path):
     # ((.)*)*X backtracks exponentially in Python's re on a long module name; the server must
     # load the adapter (the key matches nothing) and stay healthy: the test's timeout guards.
     _, adapters = demo_dir
@@ -333,7 +326,7 @@ def test_a_hostile_pattern_key_runs_in_linear_time(server, demo_dir, tmp_path): 
     assert httpx.delete(f"{server.url}/v1/adapters/redos").status_code == 200
 
 
-def test_a_failed_adapter_loads_again_when_put_again(server, demo_dir, monkeypatch):  # noqa: F811
+def test_a_failed_adapter_loads_again_when_put_again(server, demo_dir, monkeypatch):
     _, adapters = demo_dir
     runner = server.runtime.runner
     real_load = runner.load_adapter
@@ -394,7 +387,7 @@ def drip():
     server.server_close()
 
 
-def test_slow_sources_are_bounded_in_time_number_and_cancellable(server, demo_dir, drip):  # noqa: F811
+def test_slow_sources_are_bounded_in_time_number_and_cancellable(server, demo_dir, drip):
     _, adapters = demo_dir
     results: dict[str, httpx.Response] = {}
 
@@ -440,7 +433,7 @@ def test_a_full_disk_is_a_json_507(server, www, monkeypatch):
     assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage", r.text
 
 
-def test_sources_are_redacted_in_models_admin_and_logs(server, demo_dir, www, caplog):  # noqa: F811
+def test_sources_are_redacted_in_models_admin_and_logs(server, demo_dir, www, caplog):
     _, adapters = demo_dir
     root, url = www
     caplog.set_level(logging.INFO)

@@ -11,13 +11,7 @@ import threading
 import httpx
 import pytest
 import torch
-from server_fixtures import (  # noqa: F401
-    RunningServer,
-    demo_dir,
-    make_config,
-    peft_greedy,
-    wait_for,
-)
+from runtime_helpers import RunningServer, make_config, peft_greedy, wait_for
 
 from loraplane.runtime.sampler import FAILED, Sampler
 from loraplane.runtime.sampling import SamplingParams
@@ -27,7 +21,7 @@ MAX_BODY = 64 << 10
 
 
 @pytest.fixture(scope="module")
-def server(demo_dir, tmp_path_factory):  # noqa: F811
+def server(demo_dir, tmp_path_factory):
     base, adapters = demo_dir
     config = make_config(
         base,
@@ -43,7 +37,7 @@ def server(demo_dir, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def oracle(demo_dir):  # noqa: F811
+def oracle(demo_dir):
     base, adapters = demo_dir
     return {
         model: peft_greedy(base, adapters.get(model), [PROMPT], 8)[0]
@@ -56,7 +50,7 @@ def complete(server, model: str, **extra) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
 
 
-def test_stale_nan_in_free_kv_blocks_and_slots_reaches_no_request(server, demo_dir):  # noqa: F811
+def test_stale_nan_in_free_kv_blocks_and_slots_reaches_no_request(server, demo_dir):
     # What a poisoned request could leave behind: NaN in every KV block it held, and in a
     # slot's LoRA buffers. Every position a request reads it wrote itself; padding reads a
     # slot that is never written; base-only tokens never read a slot's weights.
@@ -249,7 +243,7 @@ def test_a_lone_surrogate_is_a_400(server, path, body):
     assert r.status_code in (400, 422) and "surrogate" in r.text, r.text
 
 
-def test_prompts_get_the_tokenizers_bos_as_peft_vllm_and_tgi_give_it(demo_dir, tmp_path):  # noqa: F811
+def test_prompts_get_the_tokenizers_bos_as_peft_vllm_and_tgi_give_it(demo_dir, tmp_path):
     base, adapters = demo_dir
     bos_base = tmp_path / "bos" / "base"  # the adapters name a base called "base"
     shutil.copytree(base, bos_base)
@@ -280,7 +274,7 @@ def test_prompts_get_the_tokenizers_bos_as_peft_vllm_and_tgi_give_it(demo_dir, t
         assert tgi.json()["details"]["prompt_tokens"] == len(want_ids)
 
 
-def test_a_stream_cut_by_the_shutdown_deadline_ends_with_an_event(demo_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_a_stream_cut_by_the_shutdown_deadline_ends_with_an_event(demo_dir, tmp_path, monkeypatch):
     base, adapters = demo_dir
     config = make_config(base, tmp_path, adapters={"poet": str(adapters["poet"])})
     with RunningServer(config) as server:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import time
 import weakref
 
 import httpx
 import pytest
-from server_fixtures import RunningServer, copy_adapter, demo_dir, make_config, wait_for  # noqa: F401
+from runtime_helpers import RunningServer, copy_adapter, make_config, wait_for
 
 
 @pytest.fixture(scope="module")
-def setup(demo_dir, tmp_path_factory):  # noqa: F811
+def setup(demo_dir, tmp_path_factory):
     base, adapters = demo_dir
     tmp = tmp_path_factory.mktemp("hot")
     config = make_config(
@@ -26,16 +25,10 @@ def setup(demo_dir, tmp_path_factory):  # noqa: F811
         yield running, adapters, tmp
 
 
-async def test_unload_waits_for_running_requests_and_frees_weights(setup, monkeypatch):
+async def test_unload_waits_for_running_requests_and_frees_weights(setup, step_gate):
     server, _, _ = setup
     runtime = server.runtime
-    real_run = runtime.runner.run
-
-    def slow(seqs, slots):
-        time.sleep(0.01)  # the stream must outlast the DELETE below, even on a fast machine
-        return real_run(seqs, slots)
-
-    monkeypatch.setattr(runtime.runner, "run", slow)
+    gate = step_gate(runtime.runner)
     entry = runtime.adapters.get("poet")
     weights_ref = weakref.ref(entry.weights)
     slot = entry.lora_slot
@@ -48,21 +41,29 @@ async def test_unload_waits_for_running_requests_and_frees_weights(setup, monkey
         "ignore_eos": True,
         "stream": True,
     }
-    client = httpx.AsyncClient(base_url=server.url, timeout=120)
-    async with client, client.stream("POST", "/v1/completions", json=body) as response:
-        lines = response.aiter_lines()
-        first = await anext(lines)
-        assert first.startswith("data: ")
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+
+        async def read_stream() -> list[str]:
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                return [line async for line in response.aiter_lines() if line.startswith("data: ")]
+
+        reading = asyncio.create_task(read_stream())
+        # The gate holds the stream at its first step: it outlasts the DELETE below.
+        tally = runtime.engine.tally
+        await asyncio.to_thread(wait_for, lambda: tally.in_flight == 1, "the stream accepted")
         gone = await client.delete("/v1/adapters/poet")
         assert gone.json() == {"name": "poet", "state": "unloading"}
         late = await client.post("/v1/completions", json=body | {"stream": False})
         assert late.status_code == 404
-        rest = [line async for line in lines if line.startswith("data: ")]
+        gate.open()
+        rest = await reading
     assert rest[-1] == "data: [DONE]"
     final = json.loads(rest[-2].removeprefix("data: "))
     assert final["choices"][0]["finish_reason"] == "length"
     del entry
-    wait_for(lambda: slot not in runtime.engine.scheduler.lora_slots.owner, "the slot to be released")
+    wait_for(
+        lambda: slot not in runtime.engine.scheduler.lora_slots.owner, "the slot to be released"
+    )
     gc.collect()
     assert weights_ref() is None, "unloaded adapter weights are still referenced"
 
@@ -91,10 +92,10 @@ async def test_load_replace_unload_under_load_drops_nothing(setup):
 
         async def served(model: str, at_least: int) -> None:
             # Progress, not wall time, decides when the next change lands: CPUs here are shared.
-            deadline = time.monotonic() + 60
-            while sum(1 for m, s in statuses if m == model and s == 200) < at_least:
-                assert time.monotonic() < deadline, f"{model}: fewer than {at_least} served"
-                await asyncio.sleep(0.02)
+            def enough() -> bool:
+                return sum(1 for m, s in statuses if m == model and s == 200) >= at_least
+
+            await asyncio.to_thread(wait_for, enough, f"{at_least} answers from {model}")
 
         workers = [asyncio.create_task(traffic(m)) for m in ("sql-expert", "tiny", "sql-expert")]
         await served("sql-expert", 2)

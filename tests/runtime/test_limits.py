@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
+import threading
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_fixtures import RunningServer, demo_dir, make_config  # noqa: F401
+from runtime_helpers import RunningServer, make_config, wait_for
 
 
 @pytest.fixture(scope="module")
-def server(demo_dir, tmp_path_factory):  # noqa: F811
+def server(demo_dir, tmp_path_factory):
     base, adapters = demo_dir
     config = make_config(
         base,
@@ -133,27 +133,23 @@ def test_metrics_move_as_requests_are_served(server):
     assert after[("loraplane_adapter_load_seconds_count", ())] >= 1
 
 
-async def test_in_flight_and_queue_depth_gauges_follow_the_requests(server, monkeypatch):
-    real_run = server.runtime.runner.run
+def gauges(server) -> tuple[float, float]:
+    s = samples(server)
+    return s[("loraplane_requests_in_flight", ())], s[("loraplane_queue_depth", ())]
 
-    def slow(seqs, slots):
-        time.sleep(0.02)  # two requests of 40 tokens: long enough to be seen in the gauges
-        return real_run(seqs, slots)
 
-    monkeypatch.setattr(server.runtime.runner, "run", slow)
+async def test_in_flight_and_queue_depth_gauges_follow_the_requests(server, step_gate):
+    gate = step_gate(server.runtime.runner)
     body = {"model": "poet", "prompt": "hello", "max_tokens": 40, "ignore_eos": True}
-    seen: set[tuple[float, float]] = set()
     async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
         requests = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in "ab"]
-        while not all(r.done() for r in requests):
-            s = samples(server)
-            seen.add((s[("loraplane_requests_in_flight", ())], s[("loraplane_queue_depth", ())]))
-            await asyncio.sleep(0.01)
-        assert all(r.result().status_code == 200 for r in requests)
-    # max_running=1: one runs while the other waits for its first step.
-    assert (2, 1) in seen, seen
-    s = samples(server)
-    assert (s[("loraplane_requests_in_flight", ())], s[("loraplane_queue_depth", ())]) == (0, 0)
+        tally = server.runtime.engine.tally
+        await asyncio.to_thread(wait_for, lambda: tally.in_flight == 2, "both requests accepted")
+        # max_running=1: after a step, one runs while the other waits for its first step.
+        await asyncio.to_thread(gate.step_until, lambda: gauges(server) == (2, 1), "(2, 1)", 1)
+        gate.open()
+        assert all(r.status_code == 200 for r in await asyncio.gather(*requests))
+    assert gauges(server) == (0, 0)
 
 
 async def test_full_queue_answers_429_and_serves_the_rest(server):
@@ -206,7 +202,7 @@ def test_a_failed_engine_step_fails_its_requests_and_the_server_goes_on(server, 
     assert httpx.post(f"{server.url}/v1/completions", json=body).status_code == 200
 
 
-def test_an_adapter_that_cannot_be_copied_in_is_reported_failed(server, demo_dir, monkeypatch):  # noqa: F811
+def test_an_adapter_that_cannot_be_copied_in_is_reported_failed(server, demo_dir, monkeypatch):
     _, adapters = demo_dir
     runner = server.runtime.runner
     real_load = runner.load_adapter
@@ -221,12 +217,9 @@ def test_an_adapter_that_cannot_be_copied_in_is_reported_failed(server, demo_dir
         f"{server.url}/v1/adapters/sql-expert", json={"source": str(adapters["sql-expert"])}
     )
     assert r.status_code == 201
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        info = httpx.get(f"{server.url}/v1/adapters/sql-expert").json()
-        if info["state"] == "failed":
-            break
-        time.sleep(0.02)
+    url = f"{server.url}/v1/adapters/sql-expert"
+    wait_for(lambda: httpx.get(url).json()["state"] == "failed", "the copy to fail")
+    info = httpx.get(url).json()
     assert info["state"] == "failed" and "simulated copy failure" in info["error"]
     assert info["tier"] != "gpu"
     r = httpx.post(f"{server.url}/v1/completions", json={"model": "sql-expert", "prompt": "x"})
@@ -288,41 +281,26 @@ def test_a_refused_prompt_in_a_list_queues_none_of_them(server):
     assert server.runtime.engine.idle()
 
 
-def test_a_client_that_hangs_up_has_its_sequence_aborted(server, monkeypatch):
-    runner = server.runtime.runner
-    real_run = runner.run
+ABORTS = ("loraplane_requests_total", (("adapter", "poet"), ("status", "abort")))
 
-    def slow(seqs, slots):
-        time.sleep(0.04)  # 150 tokens now take 6 s: long enough to tell abort from finish
-        return real_run(seqs, slots)
 
-    monkeypatch.setattr(runner, "run", slow)
-    before = samples(server)
-    started = time.monotonic()
-    with pytest.raises(httpx.ReadTimeout):
+def test_a_client_that_hangs_up_has_its_sequence_aborted(server, step_gate):
+    gate = step_gate(server.runtime.runner)
+    before = samples(server).get(ABORTS, 0)
+    with pytest.raises(httpx.ReadTimeout):  # certain: no step runs until the gate opens
         httpx.post(
             f"{server.url}/v1/completions",
             timeout=0.5,
             json={"model": "poet", "prompt": "hello", "max_tokens": 150, "ignore_eos": True},
         )
-    key = ("loraplane_requests_total", (("adapter", "poet"), ("status", "abort")))
-    while time.monotonic() - started < 10 and samples(server).get(key, 0) == before.get(key, 0):
-        time.sleep(0.05)
-    assert samples(server).get(key, 0) - before.get(key, 0) == 1
-    assert time.monotonic() - started < 4, "the sequence ran on after the client left"
-    assert not server.runtime.engine.scheduler.running
+    # Fewer steps than its 150 tokens: the sequence ended because the client left.
+    gate.step_until(lambda: samples(server).get(ABORTS, 0) == before + 1, "the abort", 149)
+    assert server.runtime.engine.idle()
 
 
-def test_a_stream_closed_early_aborts_its_sequence(server, monkeypatch):
-    runner = server.runtime.runner
-    real_run = runner.run
-
-    def slow(seqs, slots):
-        time.sleep(0.04)
-        return real_run(seqs, slots)
-
-    monkeypatch.setattr(runner, "run", slow)
-    before = samples(server)
+def test_a_stream_closed_early_aborts_its_sequence(server, step_gate):
+    gate = step_gate(server.runtime.runner)
+    before = samples(server).get(ABORTS, 0)
     body = {
         "model": "poet",
         "prompt": "hello",
@@ -330,13 +308,19 @@ def test_a_stream_closed_early_aborts_its_sequence(server, monkeypatch):
         "ignore_eos": True,
         "stream": True,
     }
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as s:
-        for line in s.iter_lines():
-            if line.startswith("data: "):
-                break  # one chunk, then hang up
-    started = time.monotonic()
-    key = ("loraplane_requests_total", (("adapter", "poet"), ("status", "abort")))
-    while time.monotonic() - started < 10 and samples(server).get(key, 0) == before.get(key, 0):
-        time.sleep(0.05)
-    assert samples(server).get(key, 0) - before.get(key, 0) == 1
-    assert time.monotonic() - started < 3, "the stream's sequence ran on after the client left"
+    hung_up = threading.Event()
+
+    def read_one_chunk_then_hang_up() -> None:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: "):
+                    break
+        hung_up.set()
+
+    reader = threading.Thread(target=read_one_chunk_then_hang_up)
+    reader.start()
+    # A chunk may need more than one token (text held back until it is decided).
+    used = gate.step_until(hung_up.is_set, "the first chunk", 20)
+    reader.join(timeout=60)
+    gate.step_until(lambda: samples(server).get(ABORTS, 0) == before + 1, "the abort", 149 - used)
+    assert server.runtime.engine.idle()

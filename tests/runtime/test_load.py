@@ -14,7 +14,7 @@ from collections import Counter
 
 import httpx
 import pytest
-from server_fixtures import RunningServer, demo_dir, make_config  # noqa: F401
+from runtime_helpers import RunningServer, make_config
 
 MAX_RUNNING, MAX_QUEUE = 4, 8
 CLIENTS = 2 * (MAX_RUNNING + MAX_QUEUE)
@@ -28,7 +28,7 @@ def rss_bytes() -> int:
 
 
 @pytest.mark.slow
-def test_twice_capacity_gives_429s_never_5xx_and_flat_memory(demo_dir, tmp_path):  # noqa: F811
+def test_twice_capacity_gives_429s_never_5xx_and_flat_memory(demo_dir, tmp_path):
     base, adapters = demo_dir
     config = make_config(
         base,

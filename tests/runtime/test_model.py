@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from server_fixtures import arch_model_dir  # noqa: F401
 from transformers import AutoModelForCausalLM
 
 from loraplane.runtime.model import AttentionContext, CausalLM, ModelConfig, load_model
@@ -29,7 +28,7 @@ def run_flat(model: CausalLM, seqs: list[list[int]], done: list[int], cache_bloc
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_logits_match_hf_for_mixed_prefill_and_decode(arch, arch_model_dir):  # noqa: F811
+def test_logits_match_hf_for_mixed_prefill_and_decode(arch, arch_model_dir):
     path = arch_model_dir(arch)
     ours = load_model(path)
     hf = AutoModelForCausalLM.from_pretrained(str(path)).eval()

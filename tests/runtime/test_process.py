@@ -8,11 +8,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
-from server_fixtures import demo_dir  # noqa: F401
+from runtime_helpers import wait_for
 
 from loraplane.runtime.__main__ import parse_args
 
@@ -96,7 +95,7 @@ def test_the_admin_api_is_never_open_by_accident(tmp_path):
         )
 
 
-def test_sigterm_finishes_running_requests_then_exits_zero(demo_dir, tmp_path):  # noqa: F811
+def test_sigterm_finishes_running_requests_then_exits_zero(demo_dir, tmp_path):
     base, adapters = demo_dir
     import socket
 
@@ -127,15 +126,15 @@ def test_sigterm_finishes_running_requests_then_exits_zero(demo_dir, tmp_path): 
         env=os.environ | {"LORAPLANE_ADMIN_TOKEN": "t"},
     )
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
+            assert proc.poll() is None, f"the runtime exited with {proc.returncode}"
             try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
+                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
             except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("runtime not ready in 60 s")
+                return False
+
+        wait_for(ready, "the runtime process to be ready")
         body = {
             "model": "poet",
             "prompt": "hello",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import httpx
-from server_fixtures import RunningServer, demo_dir, make_config, wait_for  # noqa: F401
+from runtime_helpers import RunningServer, make_config, wait_for
 
 
 def readyz(server) -> tuple[int, dict]:
@@ -13,7 +13,7 @@ def readyz(server) -> tuple[int, dict]:
     return r.status_code, r.json()
 
 
-def test_ready_only_once_preloads_are_in_and_not_while_draining(demo_dir, tmp_path):  # noqa: F811
+def test_ready_only_once_preloads_are_in_and_not_while_draining(demo_dir, tmp_path):
     base, adapters = demo_dir
     config = make_config(base, tmp_path, adapters={"poet": str(adapters["poet"])})
     server = RunningServer(config)
@@ -42,7 +42,7 @@ def test_ready_only_once_preloads_are_in_and_not_while_draining(demo_dir, tmp_pa
         server.__exit__(None, None, None)
 
 
-def test_a_failed_preload_keeps_the_server_unready_and_says_why(demo_dir, tmp_path):  # noqa: F811
+def test_a_failed_preload_keeps_the_server_unready_and_says_why(demo_dir, tmp_path):
     base, _ = demo_dir
     config = make_config(base, tmp_path, adapters={"gone": str(tmp_path / "nowhere")})
     server = RunningServer(config)

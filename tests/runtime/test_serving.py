@@ -6,14 +6,14 @@ import asyncio
 
 import httpx
 import pytest
-from server_fixtures import RunningServer, demo_dir, make_config, peft_greedy  # noqa: F401
+from runtime_helpers import RunningServer, make_config, peft_greedy
 
 PROMPTS = ["hello world, how", "the quick brown fox", "SELECT name FROM"]
 MAX_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
-def server(demo_dir, tmp_path_factory):  # noqa: F811
+def server(demo_dir, tmp_path_factory):
     base, adapters = demo_dir
     config = make_config(
         base, tmp_path_factory.mktemp("serving"), adapters={n: str(p) for n, p in adapters.items()}
@@ -22,7 +22,7 @@ def server(demo_dir, tmp_path_factory):  # noqa: F811
         yield running
 
 
-async def test_concurrent_adapters_match_peft_greedy(server, demo_dir):  # noqa: F811
+async def test_concurrent_adapters_match_peft_greedy(server, demo_dir):
     base, adapter_dirs = demo_dir
     models = ["tiny", *adapter_dirs]
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:

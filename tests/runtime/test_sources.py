@@ -10,7 +10,6 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from server_fixtures import demo_dir, http_root, https_root  # noqa: F401
 
 from loraplane.runtime.adapters.errors import (
     InvalidAdapter,
@@ -28,7 +27,7 @@ def same_files(a: Path, b: Path) -> bool:
 
 
 @pytest.fixture
-def poet(demo_dir) -> Path:  # noqa: F811
+def poet(demo_dir) -> Path:
     return demo_dir[1]["poet"]
 
 
@@ -143,7 +142,7 @@ def test_s3_source_through_an_fsspec_filesystem(tmp_path, poet):
     assert not list((tmp_path / "cache" / "sources").glob(".partial-*"))
 
 
-def test_a_bearer_token_goes_only_over_https(tmp_path, poet, https_root):  # noqa: F811
+def test_a_bearer_token_goes_only_over_https(tmp_path, poet, https_root):
     root, url, trust = https_root
     shutil.copytree(poet, root / "private" / "poet")
     fetcher = Fetcher(tmp_path / "cache", tmp_path / "pvc", tls_verify=trust)
@@ -153,7 +152,7 @@ def test_a_bearer_token_goes_only_over_https(tmp_path, poet, https_root):  # noq
     assert same_files(got, poet)
 
 
-def test_https_source_files_and_archives(tmp_path, poet, http_root):  # noqa: F811
+def test_https_source_files_and_archives(tmp_path, poet, http_root):
     root, url = http_root
     shutil.copytree(poet, root / "poet")
     with tarfile.open(root / "poet.tar.gz", "w:gz") as tar:
@@ -183,7 +182,7 @@ def test_https_source_files_and_archives(tmp_path, poet, http_root):  # noqa: F8
         fetcher.fetch(f"{url}/broken.tar.gz")
 
 
-def test_base_model_from_a_source_uri(tmp_path, demo_dir):  # noqa: F811
+def test_base_model_from_a_source_uri(tmp_path, demo_dir):
     from loraplane.runtime.config import RuntimeConfig
     from loraplane.runtime.runtime import Runtime
 
@@ -225,11 +224,11 @@ def test_real_s3fs_against_an_unreachable_endpoint_is_a_502(tmp_path):
     assert err.value.status == 502
 
 
-def test_new_content_behind_the_same_url_is_fetched_again(tmp_path, demo_dir, http_root):  # noqa: F811
+def test_new_content_behind_the_same_url_is_fetched_again(tmp_path, demo_dir, http_root):
     import hashlib
 
     import httpx
-    from server_fixtures import RunningServer, make_config
+    from runtime_helpers import RunningServer, make_config
 
     base, adapters = demo_dir
     root, url = http_root

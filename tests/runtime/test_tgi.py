@@ -1,17 +1,17 @@
 """TGI/LoRAX routes through real clients: huggingface_hub here, text-generation and
-lorax-client from their own environment (they pin an old huggingface_hub)."""
+lorax-client from their own environment (they pin an old huggingface_hub), which
+`make test-clients` prepares before it runs the `clients` tests; nothing is fetched here."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import httpx
 import pytest
-from server_fixtures import RunningServer, demo_dir, make_config  # noqa: F401
+from runtime_helpers import RunningServer, make_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENTS_VENV = ROOT / ".venv-clients"
@@ -20,7 +20,7 @@ PROMPT = "hello world"
 
 
 @pytest.fixture(scope="module")
-def server(demo_dir, tmp_path_factory):  # noqa: F811
+def server(demo_dir, tmp_path_factory):
     base, adapters = demo_dir
     config = make_config(
         base, tmp_path_factory.mktemp("tgi"), adapters={n: str(p) for n, p in adapters.items()}
@@ -104,24 +104,18 @@ CLIENT_SCRIPT = textwrap.dedent("""
 
 
 def clients_python() -> Path:
-    """The text-generation and lorax-client venv, created from PyPI on first use."""
+    """The text-generation and lorax-client venv that `make test-clients` prepared."""
     python = CLIENTS_VENV / "bin" / "python"
     check = [str(python), "-c", "import text_generation, lorax"]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-        return python
-    subprocess.run([sys.executable, "-m", "venv", str(CLIENTS_VENV)], check=True)
-    pip = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "-r", str(CLIENT_REQUIREMENTS)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert pip.returncode == 0, (
-        f"installing {CLIENT_REQUIREMENTS.name} failed:\n{pip.stderr[-2000:]}"
-    )
+    if not python.exists() or subprocess.run(check, capture_output=True).returncode != 0:
+        pytest.fail(
+            f"{CLIENTS_VENV} lacks text-generation and lorax-client: run `make test-clients`, "
+            f"which installs {CLIENT_REQUIREMENTS.name} there and runs these tests"
+        )
     return python
 
 
+@pytest.mark.clients
 def test_text_generation_and_lorax_clients(server):
     python = clients_python()
     run = subprocess.run(

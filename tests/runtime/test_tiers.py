@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import pytest
-from server_fixtures import (  # noqa: F401
-    RunningServer,
-    copy_adapter,
-    demo_dir,
-    make_config,
-    peft_greedy,
-    wait_for,
-)
+from runtime_helpers import RunningServer, copy_adapter, make_config, peft_greedy, wait_for
 
 PROMPT = "the quick brown fox"
 MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def setup(demo_dir, tmp_path_factory):  # noqa: F811
+def setup(demo_dir, tmp_path_factory):
     base, adapters = demo_dir
     tmp = tmp_path_factory.mktemp("tiers")
     dirs = dict(adapters) | {
@@ -87,19 +79,17 @@ async def test_pinned_adapter_is_never_evicted(setup):
     )
     assert r.status_code == 409 and "pinned" in r.json()["error"]["message"]
     # The pin takes effect at the engine's next step, even from the disk tier.
-    deadline = time.monotonic() + 10
-    while tiers(server)["sql-expert"] != "gpu" and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: tiers(server)["sql-expert"] == "gpu", "the pinned adapter in a slot")
     for name in ["poet", "support-bot", "poet-two", "poet", "support-bot"]:
         await ask_all(server, [name])
         assert tiers(server)["sql-expert"] == "gpu"
         assert tiers(server)[name] == "gpu"
 
 
-def test_a_read_back_refuses_files_changed_since_the_load(demo_dir, tmp_path):  # noqa: F811
+def test_a_read_back_refuses_files_changed_since_the_load(demo_dir, tmp_path):
     import threading
 
-    from server_fixtures import rewrite_weights
+    from runtime_helpers import rewrite_weights
 
     from loraplane.runtime.adapters.entry import AdapterEntry
     from loraplane.runtime.adapters.host_tier import HostTier
@@ -113,10 +103,7 @@ def test_a_read_back_refuses_files_changed_since_the_load(demo_dir, tmp_path):  
     def read_back() -> AdapterEntry:
         entry = AdapterEntry("poet", str(local), None, None, sha, local, 4, [], 0)
         host.read_back(entry)  # from the disk tier, on the reader thread
-        deadline = time.monotonic() + 10
-        while entry.weights is None and entry.error is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for(lambda: entry.weights is not None or entry.error is not None, "the read-back")
         return entry
 
     assert read_back().weights is not None

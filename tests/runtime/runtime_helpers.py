@@ -1,32 +1,14 @@
-"""Session-wide tiny models and adapters for the runtime tests, built once per run.
+"""Helpers the runtime tests share: a live server, the one wait, a gated engine step, files.
 
-Test modules import the fixtures they use from here; build_demo reuses what is on disk, so a
-fixture collected by several modules still builds once.
+Fixtures live in conftest.py; this module holds plain functions and classes that tests import.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
-
-from loraplane.testing.tiny import TinyModelSpec, build_demo, build_model
-
-
-@pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
-    return build_demo(tmp_path_factory.getbasetemp() / "demo")
-
-
-@pytest.fixture(scope="session")
-def arch_model_dir(tmp_path_factory: pytest.TempPathFactory):
-    def build(arch: str) -> Path:
-        out = tmp_path_factory.getbasetemp() / f"model-{arch}"
-        if not (out / "config.json").exists():
-            build_model(out, TinyModelSpec(arch=arch))
-        return out
-
-    return build
 
 
 class RunningServer:
@@ -54,20 +36,20 @@ class RunningServer:
         )
 
     def __enter__(self) -> RunningServer:
-        import time
+        self.thread.start()
+        try:
+            wait_for(self._ready, f"the server at {self.url} to be ready")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; preload error: {self.runtime.preload_error}") from None
+        return self
 
+    def _ready(self) -> bool:
         import httpx
 
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"server at {self.url} not ready in 60 s: {self.runtime.preload_error}")
+        try:
+            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
@@ -75,16 +57,77 @@ class RunningServer:
         self.sock.close()
 
 
-def wait_for(predicate, what: str, timeout_s: float = 60) -> None:
-    """Poll predicate until it is true; fail naming what was awaited once the deadline passes."""
-    import time
+def wait_for(predicate: Callable[[], object], what: str, timeout_s: float = 60) -> None:
+    """Poll predicate until it is true; fail naming what was awaited once the deadline passes.
 
+    The only wait in these tests. Async tests run it with asyncio.to_thread, so the event
+    loop keeps serving the requests being waited on.
+    """
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
+
+
+class StepGate:
+    """Stands in for ModelRunner.run: each engine step waits until the test lets it through.
+
+    A test decides how far the engine gets instead of slowing every step with a sleep and
+    hoping a request lasts long enough; the real forward still runs, so outputs do not change.
+    """
+
+    def __init__(self, real_run: Callable, timeout_s: float = 60) -> None:
+        self.real_run = real_run
+        self.timeout_s = timeout_s
+        self.cond = threading.Condition()
+        self.allowed = 0  # steps the test has let through
+        self.is_open = False
+        self.taken = 0  # steps started
+        self.done = 0  # steps finished
+
+    def run(self, seqs, lora_slots):
+        with self.cond:
+            if not self.cond.wait_for(
+                lambda: self.is_open or self.taken < self.allowed, self.timeout_s
+            ):
+                raise RuntimeError(f"StepGate: no test let this step through in {self.timeout_s} s")
+            self.taken += 1
+        try:
+            return self.real_run(seqs, lora_slots)
+        finally:
+            with self.cond:
+                self.done += 1
+                self.cond.notify_all()
+
+    def allow(self, steps: int = 1) -> None:
+        with self.cond:
+            self.allowed += steps
+            self.cond.notify_all()
+
+    def open(self) -> None:
+        """Every step from now on runs at once."""
+        with self.cond:
+            self.is_open = True
+            self.cond.notify_all()
+
+    def step_until(self, predicate: Callable[[], object], what: str, max_steps: int) -> int:
+        """Let steps through one at a time until predicate holds; how many it took.
+
+        Fails when max_steps were not enough: the bound is the assertion (for example, a
+        sequence aborted before it could generate all of its tokens).
+        """
+        for steps in range(max_steps + 1):
+            if predicate():
+                return steps
+            if steps == max_steps:
+                break
+            target = self.done + 1
+            self.allow(1)
+            wait_for(
+                lambda target=target: self.done >= target or predicate(), f"a step towards {what}"
+            )
+        raise AssertionError(f"{what}: not after {max_steps} steps")
 
 
 def serve_directory(root: Path, tls=None):
@@ -112,46 +155,6 @@ def serve_directory(root: Path, tls=None):
         server.socket = tls.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
-
-
-@pytest.fixture
-def http_root(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    server = serve_directory(root)
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture
-def https_root(tmp_path):
-    """An https server on loopback with a throwaway self-signed certificate, and its trust."""
-    import shutil
-    import ssl
-    import subprocess
-
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a test certificate")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
-            *("-addext", "subjectAltName=IP:127.0.0.1"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.load_cert_chain(cert, key)
-    root = tmp_path / "www-tls"
-    root.mkdir()
-    server = serve_directory(root, tls)
-    trust = ssl.create_default_context(cafile=str(cert))
-    yield root, f"https://127.0.0.1:{server.server_address[1]}", trust
-    server.shutdown()
-    server.server_close()
 
 
 def make_config(base: Path, tmp: Path, **overrides):
