@@ -103,6 +103,7 @@ class FakePod:
     mode: str = "ok"  # ok | drain | overloaded | cut | slow
     received: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    peers: list[int] = field(default_factory=list)  # the router's source port of each request
     proceed: asyncio.Event = field(default_factory=asyncio.Event)  # releases a "slow" stream
 
     def app(self) -> Starlette:
@@ -110,6 +111,7 @@ class FakePod:
             body = json.loads(await request.body())
             self.received.append(body)
             self.headers.append(dict(request.headers))
+            self.peers.append(request.client.port if request.client else 0)
             model = body.get("model") or (body.get("parameters") or {}).get("adapter_id")
             answer = {"pod": self.name, "model": model, "path": request.url.path}
             if self.mode == "drain":

@@ -52,6 +52,17 @@ async def test_requests_go_to_a_pod_holding_their_adapter() -> None:
         assert rt.metric("loraplane_router_requests_total", adapter="sql", code="200") == 7
 
 
+async def test_connections_to_a_pod_are_kept_and_reused() -> None:
+    a = FakePod("a")
+    async with serving(a.app()) as pa, running_router() as rt:
+        rt.add_pod("a", pa)
+        async with httpx.AsyncClient(base_url=rt.url, timeout=10) as client:
+            for stream in (False, True, False, False, True):
+                r = await client.post("/v1/completions", json=completion(None, stream=stream))
+                assert r.status_code == 200
+        assert len(a.peers) == 5 and len(set(a.peers)) == 1, a.peers
+
+
 async def test_the_client_key_stays_at_the_router_and_tracing_goes_through() -> None:
     a = FakePod("a")
     async with serving(a.app()) as pa, running_router() as rt:

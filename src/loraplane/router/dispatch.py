@@ -165,9 +165,7 @@ class Router:
 
     async def _try(self, choice: Choice, call: Call) -> Opened | Failed:
         pod, label = choice.pod.name, call.target.label
-        self.metrics.routed.labels(
-            adapter=label, residency="hit" if choice.hit else "fallback"
-        ).inc()
+        self.metrics.routed_to(label, choice.hit)
         self.outstanding[pod] = self.outstanding.get(pod, 0) + 1
         result = await self.upstream.open(
             choice.pod, call.method, call.path, call.headers, call.body
@@ -191,6 +189,8 @@ class Router:
     ) -> Answer:
         label, pod = target.label, choice.pod.name
         if opened.whole:
+            async for _ in opened.rest:  # its end, so the connection goes back to the pool
+                pass
             await opened.close()
             self._finished(pod)
             self._count(label, str(opened.status), started)
@@ -242,5 +242,4 @@ class Router:
         return refusal
 
     def _count(self, label: str, code: str, started: float) -> None:
-        self.metrics.requests.labels(adapter=label, code=code).inc()
-        self.metrics.duration.labels(adapter=label).observe(time.monotonic() - started)
+        self.metrics.answered(label, code, time.monotonic() - started)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from loraplane.api.wire import (
@@ -72,5 +74,23 @@ class RouterMetrics:
             "loraplane_router_ready_pods", "Runtime pods the router sends requests to", registry=r
         )
 
+        self._children: dict[tuple[object, ...], Any] = {}
+
     def set_held(self, label: str, count: int) -> None:
         self.held.labels(adapter=label).set(count)
+
+    def answered(self, label: str, code: str, seconds: float) -> None:
+        """One request done: its code and how long it took, arrival to last byte."""
+        self._child(self.requests, label, code).inc()
+        self._child(self.duration, label).observe(seconds)
+
+    def routed_to(self, label: str, hit: bool) -> None:
+        self._child(self.routed, label, "hit" if hit else "fallback").inc()
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        # labels() takes a lock and builds a key on every call: a hot path keeps its own map.
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child

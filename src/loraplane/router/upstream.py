@@ -73,40 +73,41 @@ class Failed:
 
 
 class Upstream:
-    """One connection pool per pod: httpx scans a pool's every connection for each request,
-    so one pool over all pods made a large fleet's pods slow each other down."""
+    """One httpx transport (a connection pool) per pod, used without a Client: httpx scans a
+    pool's every connection for each request, so one pool over all pods made a large fleet's
+    pods slow each other down, and a Client's redirect, cookie and auth handling is work a
+    proxy must not do anyway."""
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
-        self._clients: dict[tuple[str, str], httpx.AsyncClient] = {}  # (pod, url) ->
+        self._pools: dict[tuple[str, str], httpx.AsyncHTTPTransport] = {}  # (pod, url) ->
+        c = config
+        self._timeout = httpx.Timeout(
+            connect=c.connect_timeout_seconds,
+            read=c.read_timeout_seconds,
+            write=c.connect_timeout_seconds * 10,
+            pool=c.hold_timeout_seconds,
+        ).as_dict()
 
-    def _client(self, pod: Backend) -> httpx.AsyncClient:
+    def _pool(self, pod: Backend) -> httpx.AsyncHTTPTransport:
         key = (pod.name, pod.url)
-        client = self._clients.get(key)
-        if client is None:
-            c = self.config
-            client = self._clients[key] = httpx.AsyncClient(
-                # Never a proxy: pod addresses are reachable only directly.
-                trust_env=False,
-                timeout=httpx.Timeout(
-                    connect=c.connect_timeout_seconds,
-                    read=c.read_timeout_seconds,
-                    write=c.connect_timeout_seconds * 10,
-                    pool=c.hold_timeout_seconds,
-                ),
+        pool = self._pools.get(key)
+        if pool is None:
+            # A transport never uses a proxy: pod addresses are reachable only directly.
+            pool = self._pools[key] = httpx.AsyncHTTPTransport(
                 limits=httpx.Limits(
-                    max_connections=c.max_connections,
-                    max_keepalive_connections=c.max_connections,
+                    max_connections=self.config.max_connections,
+                    max_keepalive_connections=self.config.max_connections,
                     keepalive_expiry=KEEPALIVE_SECONDS,
                 ),
             )
-        return client
+        return pool
 
     async def forget(self, keep: Callable[[str, str], bool]) -> None:
         """Close the pools of pods that keep(pod, url) says are gone for good."""
-        gone = [key for key in self._clients if not keep(*key)]
+        gone = [key for key in self._pools if not keep(*key)]
         for key in gone:
-            await self._clients.pop(key).aclose()
+            await self._pools.pop(key).aclose()
 
     async def close(self) -> None:
         await self.forget(lambda pod, url: False)
@@ -115,10 +116,15 @@ class Upstream:
         self, pod: Backend, method: str, path: str, headers: Mapping[str, str], body: bytes
     ) -> Opened | Failed:
         sent = {k: v for k, v in headers.items() if k.lower() in REQUEST_HEADERS}
-        client = self._client(pod)
-        request = client.build_request(method, pod.url + path, headers=sent, content=body)
+        request = httpx.Request(
+            method,
+            pod.url + path,
+            headers=sent,
+            content=body,
+            extensions={"timeout": self._timeout},
+        )
         try:
-            response = await client.send(request, stream=True)
+            response = await self._pool(pod).handle_async_request(request)
         except httpx.HTTPError as e:
             return Failed(_failure(e), f"pod {pod.name} ({pod.url}): {_describe(e)}")
         kept = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in HOP_BY_HOP]
