@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from loraplane.runtime.lora import LoraSlots, inject_lora
+from loraplane.runtime.lora import LoraWeightBank, inject_lora
 from timing import capture, median_ms, verdict
 
 
@@ -80,10 +80,10 @@ class Bench:
         with torch.device(device):
             self.model = LlamaForCausalLM(self.cfg).eval()
         torch.set_default_dtype(default)
-        self.slots = inject_lora(
+        self.bank = inject_lora(
             self.model, targets, max_slots=max(args.ns), max_rank=args.rank, backend="triton"
         )
-        self.fill_random_adapters(self.slots)
+        self.fill_random_adapters(self.bank)
         b = args.batch
         self.decoder = StaticDecoder(self.model, b, max_len=args.context + 1)
         gen = torch.Generator(device=device).manual_seed(1)
@@ -92,12 +92,12 @@ class Bench:
         self.tokens = torch.randint(0, self.cfg.vocab_size, (b,), device=device, generator=gen)
         self.pos = torch.full((b,), args.context, device=device)
 
-    def fill_random_adapters(self, slots: LoraSlots) -> None:
-        # Random rank-r adapters straight into every slot (slots.load copies per module,
+    def fill_random_adapters(self, bank: LoraWeightBank) -> None:
+        # Random rank-r adapters straight into every slot (bank.load copies per module,
         # which for 64 adapters x 224 sites is minutes of Python for numbers that mean nothing).
         r = self.args.rank
         with torch.no_grad():
-            for layer in slots.layers.values():
+            for layer in bank.layers.values():
                 layer.lora_a.normal_(0, layer.in_features**-0.5)
                 layer.lora_b.normal_(0, r**-0.5 * 0.1)
                 layer.ranks.fill_(r)
@@ -118,12 +118,12 @@ class Bench:
         # 1. Our loop, token by token from an empty cache, against HF's full-sequence forward.
         seq = 6
         ids = torch.randint(0, self.cfg.vocab_size, (self.args.batch, seq), device=self.device)
-        self.slots.backend = "torch"
-        self.slots.set_batch(ts.repeat_interleave(seq))
+        self.bank.backend = "torch"
+        self.bank.set_batch(ts.repeat_interleave(seq))
         want = self.model(input_ids=ids).logits[:, -1].float()
         dec = StaticDecoder(self.model, self.args.batch, max_len=seq)
-        self.slots.backend = "triton"
-        self.slots.set_batch(ts)
+        self.bank.backend = "triton"
+        self.bank.set_batch(ts)
         for t in range(seq):
             got = dec.step(ids[:, t], torch.full_like(ids[:, t], t)).float()
         ok &= report("decode loop + Triton LoRA vs HF forward + torch LoRA", got, want, tol)
@@ -131,32 +131,32 @@ class Bench:
         static, last, pos = ts.clone(), ids[:, -1], torch.full_like(ids[:, 0], seq - 1)
 
         def step():
-            self.slots.set_batch(static)
+            self.bank.set_batch(static)
             return dec.step(last, pos)
 
         replay = capture(step, self.device)
         rolled = torch.roll(ts, 1)
-        self.slots.set_batch(rolled)
+        self.bank.set_batch(rolled)
         want = dec.step(last, pos).float()
         static.copy_(rolled)
         got = replay().float()
         ok &= report("graph replay, new adapter mix, vs eager", got, want, 1e-3)
         del replay
-        self.slots.clear_batch()
+        self.bank.clear_batch()
         return ok
 
     def graph_step(self, token_slots: torch.Tensor | None):
         """A captured decode step; token_slots None = LoRA off, a host tensor = host metadata."""
         if token_slots is None:
-            self.slots.clear_batch()
+            self.bank.clear_batch()
             return capture(lambda: self.decoder.step(self.tokens, self.pos), self.device)
         if token_slots.device.type == "cpu":
-            self.slots.set_batch(token_slots)
+            self.bank.set_batch(token_slots)
             return capture(lambda: self.decoder.step(self.tokens, self.pos), self.device)
         static = token_slots.clone()
 
         def step():
-            self.slots.set_batch(static)
+            self.bank.set_batch(static)
             return self.decoder.step(self.tokens, self.pos)
 
         return capture(step, self.device)
@@ -179,7 +179,7 @@ class Bench:
             t = median_ms(run, self.device, iters)
             results[name] = min(t, results.get(name, t))
             del run
-        self.slots.clear_batch()
+        self.bank.clear_batch()
         return results
 
     @torch.inference_mode()
@@ -188,11 +188,11 @@ class Bench:
         from transformers import DynamicCache
 
         # Put the plain Linears back and free our slots: PEFT wraps the very same base.
-        for path, layer in self.slots.layers.items():
+        for path, layer in self.bank.layers.items():
             parent, short = path.rsplit(".", 1)
             setattr(self.model.get_submodule(parent), short, layer.base)
-        del self.slots, self.decoder
-        gc.collect()  # the layers and LoraSlots reference each other
+        del self.bank, self.decoder
+        gc.collect()  # the layers and LoraWeightBank reference each other
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         n, r = self.args.peft_n, self.args.rank

@@ -198,7 +198,7 @@ def test_sampling_params_are_checked():
 def test_attention_context_for_mixed_prefill_and_decode():
     ctx = AttentionContext.build([3, 1], [3, 6], [[0], [1, 2]], block_size=4)
     assert ctx.positions.tolist() == [0, 1, 2, 5]
-    assert ctx.slot_mapping.tolist() == [0, 1, 2, 9]
+    assert ctx.kv_write_index.tolist() == [0, 1, 2, 9]
     assert ctx.logits_index.tolist() == [2, 3]
     decode, prefill = ctx.groups  # decodes are never padded to a prefill's length
     assert decode.q_index.shape == (1, 1) and decode.token_index.tolist() == [3]

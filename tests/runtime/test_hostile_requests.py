@@ -61,8 +61,8 @@ def test_stale_nan_in_free_kv_blocks_and_slots_reaches_no_request(server, demo_d
     # Keep block 0 free but unused: the index padding used to read, whoever held it last.
     engine.blocks.free.remove(0)
     with server.runtime.adapters.lock:
-        runner.k_cache[:, : runner.pad_slot].fill_(float("nan"))
-        runner.v_cache[:, : runner.pad_slot].fill_(float("nan"))
+        runner.k_cache[:, : runner.pad_kv_index].fill_(float("nan"))
+        runner.v_cache[:, : runner.pad_kv_index].fill_(float("nan"))
         free = set(range(runner.lora.max_slots)) - set(engine.scheduler.lora_slots.owner)
         for slot in free:
             for layer in runner.lora.layers.values():

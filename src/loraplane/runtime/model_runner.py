@@ -1,4 +1,5 @@
-"""The only code that touches the device: model weights, KV cache, LoRA slots, the forward pass."""
+"""The only code that touches the device: model weights, KV cache, the LoRA weight bank, the
+forward pass."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import torch
 
 from loraplane.runtime.config import RuntimeConfig
-from loraplane.runtime.lora import AdapterWeights, LoraSlots, inject_lora
+from loraplane.runtime.lora import AdapterWeights, LoraWeightBank, inject_lora
 from loraplane.runtime.model import AttentionContext, CausalLM, load_model
 from loraplane.runtime.model.loader import DTYPES
 from loraplane.runtime.sampler import Sampler
@@ -24,7 +25,7 @@ class ModelRunner:
         self.model: CausalLM = load_model(model_dir, config.dtype, config.device)
         mc = self.model.config
         targets = [t for t in config.lora_target_modules if self._has_linear(t)]
-        self.lora: LoraSlots = inject_lora(
+        self.lora: LoraWeightBank = inject_lora(
             self.model,
             targets,
             config.max_adapters,
@@ -32,10 +33,10 @@ class ModelRunner:
             dtype=DTYPES[config.dtype],
             device=self.device,
         )
-        slots = config.kv_cache_blocks * config.block_size
-        # One slot past the blocks is never written: padded positions read its zeros.
-        self.pad_slot = slots
-        shape = (mc.num_layers, slots + 1, mc.num_kv_heads, mc.head_dim)
+        kv_positions = config.kv_cache_blocks * config.block_size
+        # One position past the blocks is never written: padded positions read its zeros.
+        self.pad_kv_index = kv_positions
+        shape = (mc.num_layers, kv_positions + 1, mc.num_kv_heads, mc.head_dim)
         dtype = DTYPES[config.dtype]
         self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -60,22 +61,25 @@ class ModelRunner:
     def linear_modules(self) -> set[str]:
         return set(self.lora.layers) | set(self.lora.other_linears)
 
-    def load_adapter(self, slot: int, weights: AdapterWeights) -> None:
-        self.lora.load(slot, weights)
+    def load_adapter(self, lora_slot: int, weights: AdapterWeights) -> None:
+        self.lora.load(lora_slot, weights)
 
-    def clear_adapter(self, slot: int) -> None:
-        self.lora.clear(slot)
+    def clear_adapter(self, lora_slot: int) -> None:
+        self.lora.clear(lora_slot)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], slots: list[int]) -> tuple[list[int], list[float]]:
-        """One forward over every sequence's uncached tokens; next token and logprob of each."""
+    def run(self, seqs: list[Sequence], lora_slots: list[int]) -> tuple[list[int], list[float]]:
+        """One forward over every sequence's uncached tokens; next token and logprob of each.
+
+        lora_slots: each sequence's LoRA slot, -1 for the base model alone.
+        """
         ids: list[int] = []
-        token_slots: list[int] = []
+        token_slots: list[int] = []  # the LoRA slot of every token
         qlens, clens = [], []
-        for seq, slot in zip(seqs, slots, strict=True):
+        for seq, lora_slot in zip(seqs, lora_slots, strict=True):
             new = seq.uncached_tokens()
             ids += new
-            token_slots += [slot] * len(new)
+            token_slots += [lora_slot] * len(new)
             qlens.append(len(new))
             clens.append(len(seq))
         ctx = AttentionContext.build(
@@ -85,7 +89,7 @@ class ModelRunner:
             self.config.block_size,
             self.model.config.sliding_window,
             self.device,
-            pad_slot=self.pad_slot,
+            pad_kv_index=self.pad_kv_index,
         )
         self.lora.set_batch(torch.tensor(token_slots, dtype=torch.long))
         try:

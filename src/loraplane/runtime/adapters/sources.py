@@ -55,7 +55,7 @@ class Fetcher:
     tls_verify: Any = True  # httpx's verify: True (system CAs) or an ssl.SSLContext
 
     def __post_init__(self) -> None:
-        self._slots = threading.BoundedSemaphore(self.max_concurrent)
+        self._permits = threading.BoundedSemaphore(self.max_concurrent)
         redact_client_logs()
 
     def fetch(
@@ -89,7 +89,7 @@ class Fetcher:
                 "in clear; use https://"
             )
         guard = guard or Guard(self.limits, source)
-        if not self._slots.acquire(blocking=False):
+        if not self._permits.acquire(blocking=False):
             raise TooManyFetches(
                 f"{self.max_concurrent} adapter fetches are running (--max-concurrent-fetches); "
                 "retry later"
@@ -108,7 +108,7 @@ class Fetcher:
                 source, revision, sha256, lambda d: self._https(source, d, token, guard)
             )
         finally:
-            self._slots.release()
+            self._permits.release()
 
     def _local(self, path: Path, source: str) -> Path:
         if not path.is_absolute():

@@ -3,7 +3,7 @@
 from loraplane.runtime.lora.batch import LoraBatch, token_slots_for_rows
 from loraplane.runtime.lora.layer import LoraLinear
 from loraplane.runtime.lora.peft_reader import AdapterFormatError, read_peft_adapter
-from loraplane.runtime.lora.slots import LoraSlots, inject_lora
+from loraplane.runtime.lora.weight_bank import LoraWeightBank, inject_lora
 from loraplane.runtime.lora.weights import AdapterWeights, LoraModuleWeights
 
 __all__ = [
@@ -12,7 +12,7 @@ __all__ = [
     "LoraBatch",
     "LoraLinear",
     "LoraModuleWeights",
-    "LoraSlots",
+    "LoraWeightBank",
     "inject_lora",
     "read_peft_adapter",
     "token_slots_for_rows",

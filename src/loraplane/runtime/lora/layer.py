@@ -13,7 +13,7 @@ from loraplane.runtime.lora.weights import LoraModuleWeights
 
 if TYPE_CHECKING:
     from loraplane.runtime.lora.group import SharedInputGroup
-    from loraplane.runtime.lora.slots import LoraSlots
+    from loraplane.runtime.lora.weight_bank import LoraWeightBank
 
 
 class LoraLinear(nn.Module):
@@ -28,15 +28,15 @@ class LoraLinear(nn.Module):
         self,
         base: nn.Linear,
         name: str,
-        slots: LoraSlots,
+        bank: LoraWeightBank,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         super().__init__()
         self.base = base
         self.name = name  # path in the base model, e.g. "model.layers.0.self_attn.q_proj"
-        self._slots = slots  # shared owner of the step's metadata (plain attribute, not a child)
-        s, r, d_in, d_out = slots.max_slots, slots.max_rank, base.in_features, base.out_features
+        self._bank = bank  # shared owner of the step's metadata (plain attribute, not a child)
+        s, r, d_in, d_out = bank.max_slots, bank.max_rank, base.in_features, base.out_features
         # Slot state is runtime data, not weights: kept out of state_dict.
         a = torch.zeros(s, r, d_in, dtype=dtype, device=device)
         b = torch.zeros(s, d_out, r, dtype=dtype, device=device)
@@ -75,9 +75,9 @@ class LoraLinear(nn.Module):
                 f"{self.name}: adapter A {tuple(module.a.shape)} / B {tuple(module.b.shape)} "
                 f"do not fit the base layer (d_in={d_in}, d_out={d_out})"
             )
-        if module.rank > self._slots.max_rank:
+        if module.rank > self._bank.max_rank:
             raise ValueError(
-                f"{self.name}: adapter rank {module.rank} exceeds max_rank {self._slots.max_rank}"
+                f"{self.name}: adapter rank {module.rank} exceeds max_rank {self._bank.max_rank}"
             )
 
     @torch.no_grad()
@@ -100,7 +100,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        batch = self._slots.batch
+        batch = self._bank.batch
         if batch is None or batch.token_slots is None:
             return y
         # x: [..., d_in] → [tokens, d_in]; y: [..., d_out] → [tokens, d_out]
@@ -124,5 +124,5 @@ class LoraLinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        s = self._slots
+        s = self._bank
         return f"{self.name}, slots={s.max_slots}, max_rank={s.max_rank}"

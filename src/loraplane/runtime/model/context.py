@@ -25,7 +25,7 @@ class AttentionGroup:
 @dataclass
 class AttentionContext:
     positions: torch.Tensor  # [tokens] position of each token in its sequence
-    slot_mapping: torch.Tensor  # [tokens] flat KV-cache index each token's k/v is written to
+    kv_write_index: torch.Tensor  # [tokens] flat KV-cache index each token's k/v is written to
     logits_index: torch.Tensor  # [seqs] flat index of each sequence's last token
     groups: list[AttentionGroup]
 
@@ -38,14 +38,14 @@ class AttentionContext:
         block_size: int,
         sliding_window: int | None = None,
         device: torch.device | str = "cpu",
-        pad_slot: int = 0,
+        pad_kv_index: int = 0,
     ) -> AttentionContext:
         """Metadata for sequences whose last query_lens[i] of context_lens[i] tokens are new.
 
-        pad_slot: the KV-cache index padded context positions read. Masking alone is not
+        pad_kv_index: the KV-cache index padded context positions read. Masking alone is not
         enough: a masked score still multiplies its V, and 0 * NaN is NaN, so a NaN left in a
-        reused block by another request would reach this one. The runner passes a slot that
-        is never written (always zero).
+        reused block by another request would reach this one. The runner passes a position
+        that is never written (always zero).
         """
         assert len(query_lens) == len(context_lens) == len(block_tables)
         assert all(0 < q <= c for q, c in zip(query_lens, context_lens, strict=True))
@@ -53,12 +53,12 @@ class AttentionContext:
             assert len(table) * block_size >= c, "block table too short for its context"
         ql = torch.tensor(query_lens)
         starts = torch.cumsum(ql, 0) - ql
-        positions, slots = [], []
+        positions, writes = [], []
         for i, (q, c) in enumerate(zip(query_lens, context_lens, strict=True)):
             pos = torch.arange(c - q, c)
             blocks = torch.tensor(block_tables[i], dtype=torch.long)
             positions.append(pos)
-            slots.append(blocks[pos // block_size] * block_size + pos % block_size)
+            writes.append(blocks[pos // block_size] * block_size + pos % block_size)
         groups = []
         for decode in (True, False):
             members = [i for i, q in enumerate(query_lens) if (q == 1) == decode]
@@ -73,12 +73,12 @@ class AttentionContext:
                         block_size,
                         sliding_window,
                         device,
-                        pad_slot,
+                        pad_kv_index,
                     )
                 )
         return cls(
             positions=torch.cat(positions).to(device),
-            slot_mapping=torch.cat(slots).to(device),
+            kv_write_index=torch.cat(writes).to(device),
             logits_index=(starts + ql - 1).to(device),
             groups=groups,
         )
@@ -93,7 +93,7 @@ def _group(
     block_size: int,
     sliding_window: int | None,
     device: torch.device | str,
-    pad_slot: int,
+    pad_kv_index: int,
 ) -> AttentionGroup:
     ql = torch.tensor([query_lens[i] for i in members])
     cl = torch.tensor([context_lens[i] for i in members])
@@ -110,7 +110,9 @@ def _group(
         table[row, : len(block_tables[i])] = torch.tensor(block_tables[i], dtype=torch.long)
     block_of_c = (c // block_size).clamp(max=width - 1)
     kv_valid = c[None, :] < cl[:, None]
-    kv_index = torch.where(kv_valid, table[:, block_of_c] * block_size + c % block_size, pad_slot)
+    kv_index = torch.where(
+        kv_valid, table[:, block_of_c] * block_size + c % block_size, pad_kv_index
+    )
     mask = kv_valid[:, None, :] & (c[None, None, :] <= q_pos[:, :, None])
     if sliding_window is not None:
         mask &= q_pos[:, :, None] - c[None, None, :] < sliding_window

@@ -39,7 +39,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * d, config.hidden_size, bias=config.o_bias)
         self.rotary = rotary
         self.scale = d**-0.5
-        # Views into the runner's cache: [cache_slots, kv_heads, head_dim].
+        # Views into the runner's cache: [kv_positions, kv_heads, head_dim].
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
@@ -52,8 +52,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, kv, d)
         q, k = self.rotary(q, k, ctx.positions)
         assert self.k_cache.dim() == 3, "attach a KV cache before running the model"
-        self.k_cache[ctx.slot_mapping] = k
-        self.v_cache[ctx.slot_mapping] = v
+        self.k_cache[ctx.kv_write_index] = k
+        self.v_cache[ctx.kv_write_index] = v
         out = torch.empty_like(q)  # [tokens, h, d]
         for g in ctx.groups:
             qp = q[g.q_index].transpose(1, 2)  # [seqs, h, q_max, d]
@@ -114,7 +114,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def attach_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        # k_cache, v_cache: [layers, cache_slots, kv_heads, head_dim]
+        # k_cache, v_cache: [layers, kv_positions, kv_heads, head_dim]
         assert k_cache.shape == v_cache.shape and k_cache.shape[0] == self.config.num_layers
         for i, layer in enumerate(self.model.layers):
             assert isinstance(layer, DecoderLayer)

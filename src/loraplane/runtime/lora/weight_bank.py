@@ -1,4 +1,5 @@
-"""LoraSlots: owns the adapter slots of every wrapped layer and the current step's metadata."""
+"""LoraWeightBank: the stacked adapter weights of every wrapped layer, one row per LoRA slot,
+and the current step's metadata."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from loraplane.runtime.lora.weights import AdapterWeights
 Backend = Literal["auto", "triton", "torch"]
 
 
-class LoraSlots:
+class LoraWeightBank:
     def __init__(self, max_slots: int, max_rank: int, backend: Backend = "auto") -> None:
         if max_slots < 1 or max_rank < 1:
             raise ValueError(f"max_slots ({max_slots}) and max_rank ({max_rank}) must be >= 1")
@@ -109,29 +110,29 @@ def inject_lora(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     backend: Backend = "auto",
-) -> LoraSlots:
+) -> LoraWeightBank:
     """Replace every nn.Linear whose short name is in target_modules with a LoraLinear, in place."""
     targets = set(target_modules)
-    slots = LoraSlots(max_slots, max_rank, backend)
+    bank = LoraWeightBank(max_slots, max_rank, backend)
     linears = {p: m for p, m in model.named_modules() if isinstance(m, nn.Linear)}
     wrap = {p: m for p, m in linears.items() if p.rsplit(".", 1)[-1] in targets}
-    slots.other_linears = set(linears) - set(wrap)
+    bank.other_linears = set(linears) - set(wrap)
     missing = targets - {p.rsplit(".", 1)[-1] for p in wrap}
     if missing:  # checked before anything is replaced: the model stays as it was
         raise ValueError(
             f"target modules {sorted(missing)} match no nn.Linear in the model "
-            f"(unwrapped Linears end in {sorted({p.rsplit('.', 1)[-1] for p in slots.other_linears})})"
+            f"(unwrapped Linears end in {sorted({p.rsplit('.', 1)[-1] for p in bank.other_linears})})"
         )
     for path, module in wrap.items():
         parent, _, short = path.rpartition(".")
         layer = LoraLinear(
             module,
             path,
-            slots,
+            bank,
             dtype=dtype or module.weight.dtype,
             device=torch.device(device) if device is not None else module.weight.device,
         )
         setattr(model.get_submodule(parent), short, layer)
-        slots.add(layer)
-    slots.group_siblings()
-    return slots
+        bank.add(layer)
+    bank.group_siblings()
+    return bank
