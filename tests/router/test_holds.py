@@ -24,7 +24,7 @@ async def test_admits_up_to_its_capacity_and_counts_per_target() -> None:
 
 async def test_release_lets_go_only_what_can_go_oldest_first() -> None:
     q = HoldQueue(10)
-    first, second, other = q.admit(SQL), q.admit(SQL), q.admit(POET, exclude=["p1"])
+    first, second, other = q.admit(SQL), q.admit(SQL), q.admit(POET, tried={"p1": 3})
     order: list[str] = []
     for name, hold in (("first", first), ("second", second), ("other", other)):
         hold.released.add_done_callback(lambda _, n=name: order.append(n))
@@ -32,8 +32,8 @@ async def test_release_lets_go_only_what_can_go_oldest_first() -> None:
     await asyncio.sleep(0)  # let the done callbacks run
     assert order == ["first", "second"]
     assert q.held() == {"poet": 1}
-    assert other.exclude == ("p1",)
-    assert q.release(lambda h: "p1" not in h.exclude) == 0
+    assert other.tried == {"p1": 3}
+    assert q.release(lambda h: "p1" not in h.tried) == 0
     assert q.release(lambda h: True) == 1 and len(q) == 0
 
 

@@ -285,3 +285,20 @@ async def test_the_runtime_admin_api_and_metrics_are_not_reachable(method: str, 
     async with running_router() as rt, httpx.AsyncClient(base_url=rt.url, timeout=10) as client:
         r = await client.request(method, path, json={"source": "https://evil.example/x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+async def test_a_failed_pod_is_avoided_until_it_has_restarted() -> None:
+    good = FakePod("p-restarted")
+    async with dropping() as broken, serving(good.app()) as fixed, running_router() as rt:
+        rt.add_pod("p", broken)  # the only pod, and its runtime just died
+        async with httpx.AsyncClient(base_url=rt.url, timeout=30) as client:
+            pending = asyncio.ensure_future(client.post("/v1/completions", json=completion(None)))
+            await eventually(lambda: rt.metric(HELD, adapter=BASE) == 1, 10, "the retry to hold")
+            rt.add_pod("p", broken)  # still listed Ready: not taken again
+            await asyncio.sleep(0)
+            assert not pending.done()
+            rt.add_pod("p", fixed, ready=False)  # its gate closed: the runtime restarted
+            rt.add_pod("p", fixed)  # and reopened
+            r = await asyncio.wait_for(pending, 10)
+        assert r.status_code == 200 and r.json()["pod"] == "p-restarted"
+        assert rt.metric("loraplane_router_upstream_errors_total", adapter=BASE, kind="broken") == 1

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import anyio
@@ -67,7 +67,9 @@ class Router:
         """The table changed: let go every hold that a ready pod can take now."""
         self.metrics.ready_pods.set(len(self.table.backends))
         if self.synced.is_set():
-            self.holds.release(lambda h: choose(self.table, h.target, {}, h.exclude) is not None)
+            self.holds.release(
+                lambda h: choose(self.table, h.target, {}, self._avoid(h.tried)) is not None
+            )
         self._forget_pods()
 
     def _forget_pods(self) -> None:
@@ -89,6 +91,7 @@ class Router:
         deadline = started + self.config.hold_timeout_seconds
         tried: dict[str, int] = {}  # pod -> its admission when it failed this request
         failed: Failed | None = None
+        attempts = 0
         while True:
             choice = None
             if self.synced.is_set():
@@ -96,35 +99,36 @@ class Router:
                     self.table, call.target, self.outstanding, self._avoid(tried), next(self._turn)
                 )
             if choice is None:
-                refusal = await self._hold(call.target, self._avoid(tried), deadline, gone, failed)
+                refusal = await self._hold(call.target, tried, deadline, gone, failed)
                 if refusal is not None:
                     return self._refused(call.target, refusal, started)
                 continue
             result = await self._try(choice, call)
+            attempts += 1
             if isinstance(result, Opened):
                 return await self._answer(call.target, choice, result, started)
             failed = result
             tried[choice.pod.name] = self.table.admitted.get(choice.pod.name, 0)
             another = choose(self.table, call.target, {}, self._avoid(tried)) is not None
-            step = next_step(result.failure, len(tried), another)
+            step = next_step(result.failure, attempts, another)
             log.info("%s on %s: %s; %s", call.path, choice.pod.name, result.message, step)
             if step is Step.ANSWER:
-                return self._give_up(call.target, result, len(tried), started)
+                return self._give_up(call.target, result, attempts, started)
 
-    def _avoid(self, tried: dict[str, int]) -> list[str]:
+    def _avoid(self, tried: Mapping[str, int]) -> list[str]:
         """Pods that failed this request and have not been out of service since."""
         return [pod for pod, admitted in tried.items() if self.table.admitted.get(pod) == admitted]
 
     async def _hold(
         self,
         target: Target,
-        exclude: list[str],
+        tried: dict[str, int],
         deadline: float,
         gone: asyncio.Future | None,
         failed: Failed | None,
     ) -> Refusal | None:
         """Hold until a pod can take the request; the refusal when none did in time."""
-        hold: Hold | None = self.holds.admit(target, exclude)
+        hold: Hold | None = self.holds.admit(target, tried)
         if hold is None:
             self.metrics.hold_seconds.labels(outcome=Outcome.FULL).observe(0)
             return Refusal(

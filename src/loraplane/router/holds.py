@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -30,8 +30,9 @@ class Outcome(StrEnum):
 @dataclass(eq=False)
 class Hold:
     target: Target
-    exclude: Collection[str]
-    """Pods that must not take it (tried and failed); any other ready pod releases it."""
+    tried: Mapping[str, int]
+    """Pods that failed it, with when each was admitted to service then (Table.admitted):
+    the router decides from these which pods may still take it."""
     released: asyncio.Future[None] = field(repr=False)
 
 
@@ -52,11 +53,11 @@ class HoldQueue:
         """Holds per target label now."""
         return {label: n for label, n in self._by_label.items() if n}
 
-    def admit(self, target: Target, exclude: Collection[str] = ()) -> Hold | None:
+    def admit(self, target: Target, tried: Mapping[str, int] | None = None) -> Hold | None:
         """A new hold, or None when the queue is full."""
         if len(self._holds) >= self.capacity:
             return None
-        hold = Hold(target, tuple(exclude), asyncio.get_running_loop().create_future())
+        hold = Hold(target, dict(tried or {}), asyncio.get_running_loop().create_future())
         self._holds[hold] = None
         self._count(target.label, +1)
         return hold
