@@ -31,7 +31,7 @@ test: install cluster-bins ## Run the default test suite (unit + real control pl
 	$(PY) -m pytest
 
 test-slow: install cluster-bins ## Run the slow tests too
-	$(PY) -m pytest -m 'not gpu'
+	$(PY) -m pytest -m 'not gpu and not clients'
 
 test-gpu: install ## Run the GPU tests (needs CUDA)
 	$(PY) -m pytest -m gpu

@@ -192,7 +192,7 @@ def _volumes(
 ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(mount, volume) pairs: the root filesystem is read-only, so downloads go to an emptyDir,
     scratch to /tmp, and a pvc:// base model is read from its claim."""
-    out = [
+    out: list[tuple[dict[str, Any], dict[str, Any]]] = [
         ({"name": "cache", "mountPath": config.cache_root}, {"name": "cache", "emptyDir": {}}),
         ({"name": "tmp", "mountPath": "/tmp"}, {"name": "tmp", "emptyDir": {}}),
     ]
