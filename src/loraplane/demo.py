@@ -22,6 +22,8 @@ from pathlib import Path
 
 import httpx
 
+from loraplane.api.wire import ADMIN_TOKEN_ENV
+from loraplane.testing.cache import dev_cache_root
 from loraplane.testing.tiny import DEMO_PROMPT
 
 BASE_NAME = "tiny-llama"
@@ -132,8 +134,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loraplane.demo", description=__doc__)
-    default_cache = Path(os.environ.get("LORAPLANE_CACHE", Path.home() / ".cache" / "loraplane"))
-    parser.add_argument("--cache-dir", type=Path, default=default_cache / "demo")
+    parser.add_argument("--cache-dir", type=Path, default=dev_cache_root() / "demo")
     parser.add_argument("--port", type=int, default=0, help="default: a free port")
     parser.add_argument("--keep-serving", action="store_true", help="leave the server running")
     args = parser.parse_args(argv)
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port or _free_port()
     url = f"http://127.0.0.1:{port}"
     token = secrets.token_hex(16)
-    env = os.environ | {"LORAPLANE_ADMIN_TOKEN": token}
+    env = os.environ | {ADMIN_TOKEN_ENV: token}
     print(f"starting the runtime on {url}", flush=True)
     proc = subprocess.Popen(_runtime_command(base, port, args.cache_dir / "runtime"), env=env)
     try:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from runtime_helpers import StepGate, serve_directory
 
+from loraplane.runtime.config import DEFAULT_TARGETS
 from loraplane.testing.tiny import (
-    ALL_TARGETS,
     TinyAdapterSpec,
     TinyModelSpec,
     build_adapter,
@@ -31,7 +31,7 @@ from loraplane.testing.tiny import (
 # and MLP), rsLoRA, rank_pattern and alpha_pattern.
 LORA_MIX: dict[str, TinyAdapterSpec] = {
     "qv8": TinyAdapterSpec(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"), seed=21),
-    "all16": TinyAdapterSpec(r=16, lora_alpha=8, target_modules=ALL_TARGETS, seed=22),
+    "all16": TinyAdapterSpec(r=16, lora_alpha=8, target_modules=DEFAULT_TARGETS, seed=22),
     "rs4": TinyAdapterSpec(
         r=4, lora_alpha=8, target_modules=("o_proj", "down_proj"), use_rslora=True, seed=23
     ),

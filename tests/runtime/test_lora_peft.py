@@ -7,8 +7,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from loraplane.runtime.config import DEFAULT_TARGETS
 from loraplane.runtime.lora import inject_lora, read_peft_adapter, token_slots_for_rows
-from loraplane.testing.tiny import ALL_TARGETS
 
 # Row → adapter (None = base). Repeats and a base row in the middle make segments uneven.
 ROWS = ["qv8", None, "all16", "rs4", "pattern", "all16", None, "qv8"]
@@ -59,7 +59,7 @@ def our_logits(base_dir, adapters, ids, mask, backend: str) -> torch.Tensor:
     device = KERNEL_DEVICE if backend == "triton" else "cpu"
     model = AutoModelForCausalLM.from_pretrained(str(base_dir)).to(device).eval()
     ids, mask = ids.to(device), mask.to(device)
-    slots = inject_lora(model, ALL_TARGETS, max_slots=6, max_rank=16, backend=backend)
+    slots = inject_lora(model, DEFAULT_TARGETS, max_slots=6, max_rank=16, backend=backend)
     # q/k/v and gate/up of every layer share one shrink launch on the kernel path.
     assert len(slots.groups) == 2 * model.config.num_hidden_layers
     slot_of = {}

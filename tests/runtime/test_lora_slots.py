@@ -196,13 +196,13 @@ def test_host_batch_without_adapters_skips_lora():
 def test_siblings_share_one_shrink_launch(lora_models, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    from loraplane.runtime.config import DEFAULT_TARGETS
     from loraplane.runtime.kernels import lora_shrink
     from loraplane.runtime.lora import group, layer
-    from loraplane.testing.tiny import ALL_TARGETS
 
     base_dir, adapters = lora_models("llama")
     model = AutoModelForCausalLM.from_pretrained(str(base_dir)).to(KERNEL_DEVICE).eval()
-    slots = inject_lora(model, ALL_TARGETS, max_slots=2, max_rank=16, backend="triton")
+    slots = inject_lora(model, DEFAULT_TARGETS, max_slots=2, max_rank=16, backend="triton")
     slots.load(1, read_peft_adapter(adapters["all16"]))
     calls = []
 

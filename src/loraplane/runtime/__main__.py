@@ -10,8 +10,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from loraplane.api.wire import ADMIN_TOKEN_ENV
-from loraplane.runtime.config import DTYPES, RuntimeConfig
+from loraplane.api.wire import ADMIN_TOKEN_ENV, RUNTIME_DTYPES
+from loraplane.runtime.config import CACHE_DIR_ENV, RuntimeConfig
 
 
 def parse_args(
@@ -87,7 +87,7 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=DTYPES,
+        choices=RUNTIME_DTYPES,
         help="default: bfloat16 on cuda, float32 on cpu",
     )
     p.add_argument("--max-adapters", type=int, default=d.max_adapters, help="GPU slots")
@@ -167,7 +167,7 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="fetch from here even inside a denied range (repeatable)",
     )
     p.add_argument(
-        "--cache-dir", type=Path, default=Path(env.get("LORAPLANE_CACHE_DIR", d.cache_dir))
+        "--cache-dir", type=Path, default=Path(env.get(CACHE_DIR_ENV, d.cache_dir))
     )
     p.add_argument(
         "--pvc-root",

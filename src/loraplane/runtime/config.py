@@ -9,9 +9,13 @@ from pathlib import Path
 from loraplane.api.wire import ADMIN_TOKEN_ENV, RUNTIME_DTYPES
 from loraplane.runtime.adapters.guard import DEFAULT_DENY
 
-DTYPES = RUNTIME_DTYPES
 DEVICES = ("cpu", "cuda")
+# Every projection of a Llama/Mistral/Qwen2 block; the tiny test models and adapters use it too.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The default of --cache-dir: this one process's adapter downloads. Not the operator's
+# LORAPLANE_CACHE_ROOT (the directory under which it gives each runtime pod a --cache-dir) nor
+# the developer cache LORAPLANE_CACHE (Go tools and demo models, loraplane.testing.cache).
+CACHE_DIR_ENV = "LORAPLANE_CACHE_DIR"
 
 
 @dataclass
@@ -53,8 +57,8 @@ class RuntimeConfig:
     allow_source_cidrs: tuple[str, ...] = ()  # carve-outs from deny_source_cidrs
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.dtype not in RUNTIME_DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r} is not one of {RUNTIME_DTYPES}")
         if self.device not in DEVICES:
             raise ValueError(f"--device {self.device!r} is not one of {DEVICES}")
         if self.max_adapters < 1:

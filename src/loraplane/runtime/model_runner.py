@@ -11,7 +11,7 @@ import torch
 from loraplane.runtime.config import RuntimeConfig
 from loraplane.runtime.lora import AdapterWeights, LoraWeightBank, inject_lora
 from loraplane.runtime.model import AttentionContext, CausalLM, load_model
-from loraplane.runtime.model.loader import DTYPES
+from loraplane.runtime.model.loader import TORCH_DTYPES
 from loraplane.runtime.sampler import Sampler
 from loraplane.runtime.sequence import Sequence
 
@@ -30,14 +30,14 @@ class ModelRunner:
             targets,
             config.max_adapters,
             config.max_lora_rank,
-            dtype=DTYPES[config.dtype],
+            dtype=TORCH_DTYPES[config.dtype],
             device=self.device,
         )
         kv_positions = config.kv_cache_blocks * config.block_size
         # One position past the blocks is never written: padded positions read its zeros.
         self.pad_kv_index = kv_positions
         shape = (mc.num_layers, kv_positions + 1, mc.num_kv_heads, mc.head_dim)
-        dtype = DTYPES[config.dtype]
+        dtype = TORCH_DTYPES[config.dtype]
         self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.model.attach_kv_cache(self.k_cache, self.v_cache)

@@ -12,6 +12,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraplane.runtime.config import DEFAULT_TARGETS
+from loraplane.runtime.model.config import SUPPORTED_TYPES
+
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "a tiny model serves many adapters on one base",
@@ -34,9 +37,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<s>assistant: {% endif %}"
 )
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 @dataclass(frozen=True)
 class TinyModelSpec:
@@ -51,8 +51,8 @@ class TinyModelSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"arch {self.arch!r} is not one of {ARCHITECTURES}")
+        if self.arch not in SUPPORTED_TYPES:
+            raise ValueError(f"arch {self.arch!r} is not one of {SUPPORTED_TYPES}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
 
@@ -169,7 +169,7 @@ def build_adapter(out_dir: str | Path, base_dir: str | Path, spec: TinyAdapterSp
 # A few adapters that differ in every way a runtime must honour.
 DEMO_ADAPTERS: dict[str, TinyAdapterSpec] = {
     "sql-expert": TinyAdapterSpec(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"), seed=11),
-    "support-bot": TinyAdapterSpec(r=16, lora_alpha=8, target_modules=ALL_TARGETS, seed=12),
+    "support-bot": TinyAdapterSpec(r=16, lora_alpha=8, target_modules=DEFAULT_TARGETS, seed=12),
     "poet": TinyAdapterSpec(
         r=4, lora_alpha=8, target_modules=("o_proj", "down_proj"), use_rslora=True, seed=13
     ),

@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from loraplane.api.wire import RUNTIME_DTYPES
 from loraplane.runtime.model.config import ModelConfig
 from loraplane.runtime.model.llama import CausalLM
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --dtype names are torch's own attribute names.
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in RUNTIME_DTYPES}
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -41,7 +43,7 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    model = model.to(device=device, dtype=DTYPES[dtype])
+    model = model.to(device=device, dtype=TORCH_DTYPES[dtype])
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval().requires_grad_(False)
