@@ -212,8 +212,14 @@ def test_siblings_share_one_shrink_launch(lora_models, monkeypatch):
 
     monkeypatch.setattr(group, "lora_shrink", counting)
     monkeypatch.setattr(layer, "lora_shrink", counting)
+    per_forward = 4 * model.config.num_hidden_layers  # q/k/v together, o, gate/up together, down
+    first, second = (torch.tensor([ids], device=KERNEL_DEVICE) for ids in ([5, 6, 7], [9, 8, 7]))
     with torch.inference_mode():
         slots.set_batch(torch.tensor([1, 1, -1]))
-        model(input_ids=torch.tensor([[5, 6, 7]], device=KERNEL_DEVICE))
-    # Per layer: q/k/v together, o, gate/up together, down.
-    assert len(calls) == 4 * model.config.num_hidden_layers, calls
+        model(input_ids=first)
+        assert len(calls) == per_forward, calls
+        # A second forward under the same batch runs its own shrinks, not the first one's.
+        again = model(input_ids=second).logits
+        assert len(calls) == 2 * per_forward, calls
+        slots.set_batch(torch.tensor([1, 1, -1]))
+        torch.testing.assert_close(again, model(input_ids=second).logits, rtol=0, atol=0)

@@ -166,9 +166,7 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         metavar="CIDR",
         help="fetch from here even inside a denied range (repeatable)",
     )
-    p.add_argument(
-        "--cache-dir", type=Path, default=Path(env.get(CACHE_DIR_ENV, d.cache_dir))
-    )
+    p.add_argument("--cache-dir", type=Path, default=Path(env.get(CACHE_DIR_ENV, d.cache_dir)))
     p.add_argument(
         "--pvc-root",
         type=Path,

@@ -1,8 +1,9 @@
-"""Per-step LoRA metadata: computed once per batch from token → slot, shared by every layer."""
+"""Per-step LoRA inputs: the batch (token → slot and its kernel tiles) and what sibling layers
+share in a forward, in one object every layer is given at injection."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +20,27 @@ class LoraBatch:
     @property
     def no_adapter(self) -> bool:
         return self.token_slots is None
+
+
+@dataclass
+class SharedShrink:
+    """One sibling group's shrink in this forward (lora/group.py), and who has not read it yet."""
+
+    h: torch.Tensor  # [splits, tokens, members * rows] fp32
+    unread: set[int]  # member indices
+
+
+@dataclass
+class LoraStep:
+    """What every LoraLinear reads during a forward. The weight bank sets it; layers only read
+    the batch, and groups keep their shared shrink here, so nothing outlives the step."""
+
+    batch: LoraBatch | None = None
+    shared: dict[int, SharedShrink] = field(default_factory=dict)  # group key → its shrink
+
+    def start(self, batch: LoraBatch | None) -> None:
+        self.batch = batch
+        self.shared.clear()
 
 
 def choose_block_m(num_tokens: int, active_slots: int) -> int:

@@ -2,54 +2,59 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from loraplane.runtime.kernels.lora_expand import lora_expand, lora_expand_ref
 from loraplane.runtime.kernels.lora_shrink import lora_shrink, lora_shrink_ref
+from loraplane.runtime.lora.batch import LoraStep
+from loraplane.runtime.lora.group import SharedInputGroup
 from loraplane.runtime.lora.weights import LoraModuleWeights
-
-if TYPE_CHECKING:
-    from loraplane.runtime.lora.group import SharedInputGroup
-    from loraplane.runtime.lora.weight_bank import LoraWeightBank
 
 
 class LoraLinear(nn.Module):
-    lora_a: torch.Tensor  # [slots, r_max, d_in]
-    lora_b: torch.Tensor  # [slots, d_out, r_max]
+    lora_a: torch.Tensor  # [slots, max_rank, d_in]
+    lora_b: torch.Tensor  # [slots, d_out, max_rank]
     ranks: torch.Tensor  # [slots] int32, 0 = this slot's adapter does not target this module
     scales: torch.Tensor  # [slots] fp32
-    group: SharedInputGroup | None  # set when siblings share the shrink (lora/group.py)
-    group_cols: slice  # this layer's columns of the group's shrink output
 
     def __init__(
         self,
         base: nn.Linear,
         name: str,
-        bank: LoraWeightBank,
+        step: LoraStep,
+        max_slots: int,
+        max_rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        group: SharedInputGroup | None = None,
+        member: int = 0,
     ) -> None:
+        """step: the model's one LoraStep, read in forward. group, member: the siblings this
+        layer shares a shrink with (lora/group.py), and its place among them; lora_a and ranks
+        are then views of the group's buffers."""
         super().__init__()
         self.base = base
         self.name = name  # path in the base model, e.g. "model.layers.0.self_attn.q_proj"
-        self._bank = bank  # shared owner of the step's metadata (plain attribute, not a child)
-        s, r, d_in, d_out = bank.max_slots, bank.max_rank, base.in_features, base.out_features
+        self.step = step  # plain attribute, not a child module
+        self.max_slots, self.max_rank = max_slots, max_rank
+        self.group, self.member = group, member
+        s, r, d_in, d_out = max_slots, max_rank, base.in_features, base.out_features
+        if group is None:
+            a = torch.zeros(s, r, d_in, dtype=dtype, device=device)
+            ranks = torch.zeros(s, dtype=torch.int32, device=device)
+        else:
+            a, ranks = group.a[:, group.cols(member)], group.ranks[member]
+            assert a.shape == (s, r, d_in) and a.dtype == dtype, (name, a.dtype, a.shape)
         # Slot state is runtime data, not weights: kept out of state_dict.
-        a = torch.zeros(s, r, d_in, dtype=dtype, device=device)
-        b = torch.zeros(s, d_out, r, dtype=dtype, device=device)
         self.register_buffer("lora_a", a, persistent=False)
-        self.register_buffer("lora_b", b, persistent=False)
         self.register_buffer(
-            "ranks", torch.zeros(s, dtype=torch.int32, device=device), persistent=False
+            "lora_b", torch.zeros(s, d_out, r, dtype=dtype, device=device), persistent=False
         )
+        self.register_buffer("ranks", ranks, persistent=False)
         self.register_buffer(
             "scales", torch.zeros(s, dtype=torch.float32, device=device), persistent=False
         )
-        self.group = None
-        self.group_cols = slice(None)
 
     # The wrapped layer still looks like a Linear to code that inspects it.
     @property
@@ -75,9 +80,9 @@ class LoraLinear(nn.Module):
                 f"{self.name}: adapter A {tuple(module.a.shape)} / B {tuple(module.b.shape)} "
                 f"do not fit the base layer (d_in={d_in}, d_out={d_out})"
             )
-        if module.rank > self._bank.max_rank:
+        if module.rank > self.max_rank:
             raise ValueError(
-                f"{self.name}: adapter rank {module.rank} exceeds max_rank {self._bank.max_rank}"
+                f"{self.name}: adapter rank {module.rank} exceeds max_rank {self.max_rank}"
             )
 
     @torch.no_grad()
@@ -100,7 +105,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        batch = self._bank.batch
+        batch = self.step.batch
         if batch is None or batch.token_slots is None:
             return y
         # x: [..., d_in] → [tokens, d_in]; y: [..., d_out] → [tokens, d_out]
@@ -113,7 +118,7 @@ class LoraLinear(nn.Module):
         y2 = y.view(-1, self.out_features)
         if batch.tiles is not None:
             if self.group is not None:
-                h = self.group.shrink(x, x2, batch)[:, :, self.group_cols]
+                h = self.group.shrink(self.member, x2, self.step)
             else:
                 h = lora_shrink(x2.contiguous(), self.lora_a, self.ranks, batch.tiles)
             lora_expand(y2, h, self.lora_b, self.ranks, self.scales, batch.tiles)
@@ -124,5 +129,4 @@ class LoraLinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        s = self._bank
-        return f"{self.name}, slots={s.max_slots}, max_rank={s.max_rank}"
+        return f"{self.name}, slots={self.max_slots}, max_rank={self.max_rank}"

@@ -1,5 +1,5 @@
 """LoraWeightBank: the stacked adapter weights of every wrapped layer, one row per LoRA slot,
-and the current step's metadata."""
+and the step inputs those layers read."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from loraplane.runtime.lora.batch import LoraBatch, make_batch
+from loraplane.runtime.lora.batch import LoraBatch, LoraStep, make_batch
 from loraplane.runtime.lora.group import SHARED_INPUT, SharedInputGroup
 from loraplane.runtime.lora.layer import LoraLinear
 from loraplane.runtime.lora.weights import AdapterWeights
@@ -29,8 +29,12 @@ class LoraWeightBank:
         self.layers: dict[str, LoraLinear] = {}  # path in the model → layer
         self.other_linears: set[str] = set()  # base Linears left unwrapped, for error messages
         self.groups: list[SharedInputGroup] = []
-        self.batch: LoraBatch | None = None
+        self.step = LoraStep()  # given to every layer at injection
         self.device = torch.device("cpu")
+
+    @property
+    def batch(self) -> LoraBatch | None:
+        return self.step.batch
 
     @property
     def module_names(self) -> set[str]:
@@ -77,29 +81,46 @@ class LoraWeightBank:
         skip LoRA altogether; a device tensor is trusted and never synchronised, so the step
         (this call included) can be captured in a CUDA graph.
         """
-        self.clear_batch()
-        self.batch = make_batch(token_slots, self.max_slots, self.device, self.use_kernels)
+        self.step.start(make_batch(token_slots, self.max_slots, self.device, self.use_kernels))
 
     def clear_batch(self) -> None:
-        self.batch = None
-        for group in self.groups:
-            group.forget()
+        self.step.start(None)
 
-    def group_siblings(self) -> None:
-        """Let projections that read one input (q/k/v, gate/up) share a shrink launch."""
-        for names in SHARED_INPUT:
-            parents: dict[str, list[LoraLinear]] = {}
-            for path, layer in self.layers.items():
-                parent, short = path.rsplit(".", 1) if "." in path else ("", path)
-                if short in names and layer.group is None:
-                    parents.setdefault(parent, []).append(layer)
-            for members in parents.values():
-                first = members[0]
-                if len(members) > 1 and all(
-                    m.in_features == first.in_features and m.lora_a.dtype == first.lora_a.dtype
-                    for m in members
-                ):
-                    self.groups.append(SharedInputGroup(members))
+
+def group_siblings(
+    bank: LoraWeightBank,
+    wrap: dict[str, nn.Linear],
+    dtype: torch.dtype | None,
+    device: torch.device | None,
+) -> dict[str, tuple[SharedInputGroup, int]]:
+    """Projections that read one input (q/k/v, gate/up) share a shrink: path → (group, member)."""
+    member_of: dict[str, tuple[SharedInputGroup, int]] = {}
+    for names in SHARED_INPUT:
+        parents: dict[str, list[str]] = {}
+        for path in wrap:
+            parent, _, short = path.rpartition(".")
+            if short in names:
+                parents.setdefault(parent, []).append(path)
+        for paths in parents.values():
+            d_in = wrap[paths[0]].in_features
+            dtypes = {dtype or wrap[p].weight.dtype for p in paths}
+            devices = {device or wrap[p].weight.device for p in paths}
+            if len(paths) < 2 or len(dtypes) > 1 or len(devices) > 1:
+                continue
+            if any(wrap[p].in_features != d_in for p in paths):
+                continue
+            group = SharedInputGroup(
+                len(bank.groups),
+                len(paths),
+                bank.max_slots,
+                bank.max_rank,
+                d_in,
+                dtypes.pop(),
+                devices.pop(),
+            )
+            bank.groups.append(group)
+            member_of.update({p: (group, i) for i, p in enumerate(paths)})
+    return member_of
 
 
 def inject_lora(
@@ -123,16 +144,22 @@ def inject_lora(
             f"target modules {sorted(missing)} match no nn.Linear in the model "
             f"(unwrapped Linears end in {sorted({p.rsplit('.', 1)[-1] for p in bank.other_linears})})"
         )
+    dev = torch.device(device) if device is not None else None
+    member_of = group_siblings(bank, wrap, dtype, dev)  # before the layers: they view its buffers
     for path, module in wrap.items():
         parent, _, short = path.rpartition(".")
+        group, member = member_of.get(path, (None, 0))
         layer = LoraLinear(
             module,
             path,
-            bank,
+            bank.step,
+            max_slots,
+            max_rank,
             dtype=dtype or module.weight.dtype,
-            device=torch.device(device) if device is not None else module.weight.device,
+            device=dev or module.weight.device,
+            group=group,
+            member=member,
         )
         setattr(model.get_submodule(parent), short, layer)
         bank.add(layer)
-    bank.group_siblings()
     return bank
