@@ -267,11 +267,15 @@ def run(args: argparse.Namespace, kube: Kube, out: Path) -> Result:
     namespace = new_namespace(kube, "bench-operator-")
     nodes = math.ceil(args.replicas / GPUS_PER_NODE)
     sim_args = (f"--load-seconds={args.load_seconds}",)
+    # Outlive every phase: a simulated runtime that stops mid-run would empty every pod.
+    lifetime = 3 * args.timeout + args.new * 300 + args.window
     print(f"namespace {namespace}: {nodes} kwok nodes, logs in {out}", flush=True)
     try:
         with (
             kwok_nodes(kube, f"{namespace}-", nodes, GPUS_PER_NODE),
-            simruntime(kube.kubeconfig, out / "simruntime.log", (namespace,), sim_args) as sim,
+            simruntime(
+                kube.kubeconfig, out / "simruntime.log", (namespace,), sim_args, lifetime
+            ) as sim,
             operator(kube, namespace, out / "operator.log") as (op, metrics_port),
         ):
             started = time.monotonic()
