@@ -22,7 +22,7 @@ help: ## List every target
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[operator,runtime,dev]'
+	$(PY) -m pip install -q -e '.[operator,router,runtime,dev]'
 	touch $@
 
 install: $(VENV)/.installed ## Create .venv and install loraplane with every extra (pinned)

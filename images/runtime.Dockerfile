@@ -14,7 +14,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
 RUN python3 -m venv /opt/loraplane \
- && /opt/loraplane/bin/pip install --no-cache-dir ".[runtime]"
+ && /opt/loraplane/bin/pip install --no-cache-dir ".[runtime,router]"
 
 FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive

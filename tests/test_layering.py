@@ -57,6 +57,8 @@ PURE_OPERATOR_MODULES = (
     "rates",
     "autoscaler",
     "bodies",
+    "routing",
+    "demand",
 )
 SIDE_EFFECTS = {"kopf", "kubernetes", "httpx", "prometheus_client.exposition"}
 
@@ -81,3 +83,27 @@ def test_only_handlers_and_main_import_kopf():
         and where != "operator/__main__.py"
     }
     assert not bad, f"kopf outside handlers/: {sorted(bad)}"
+
+
+def test_the_router_needs_only_its_extra():
+    """Router pods run the runtime image with the `router` extra: nothing else may be imported
+    (no torch, no kopf, no operator)."""
+    import sys
+
+    allowed = {
+        "loraplane",
+        "kubernetes",
+        "starlette",
+        "uvicorn",
+        "httpx",
+        "prometheus_client",
+        "pydantic",
+        "anyio",
+    }
+    bad = {
+        (name, where)
+        for name, where in imported_modules("router")
+        if name.split(".")[0] not in allowed | set(sys.stdlib_module_names)
+        or name.startswith(("loraplane.operator", "loraplane.runtime"))
+    }
+    assert not bad, f"router imports outside its extra: {sorted(bad)}"

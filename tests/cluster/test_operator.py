@@ -159,6 +159,20 @@ def test_deleting_an_adapter_unloads_it_everywhere(kube: Kube, fleet: dict) -> N
     assert ("poet", "Unloaded") in reasons
 
 
+def test_children_changed_or_deleted_by_hand_are_put_back(kube: Kube, fleet: dict) -> None:
+    ns = fleet["ns"]
+    kube.kubectl("delete", "service", BASE, f"{BASE}-router", "-n", ns, "--wait=true")
+    kube.kubectl("scale", "deployment", BASE, "-n", ns, "--replicas=4")
+
+    def restored() -> bool:
+        services = kube.get_json("services", "-n", ns)["items"]
+        names = {s["metadata"]["name"] for s in services}
+        replicas = kube.get_json("deployment", BASE, "-n", ns)["spec"]["replicas"]
+        return {BASE, f"{BASE}-router"} <= names and replicas == 2
+
+    wait_for(restored, 60, "both Services back and the Deployment at spec.replicas again")
+
+
 def test_a_replaced_pod_takes_traffic_only_with_its_adapters(kube: Kube, fleet: dict) -> None:
     ns = fleet["ns"]
     victim = runtime_pods(kube, ns)[0]["metadata"]["name"]

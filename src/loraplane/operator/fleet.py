@@ -130,9 +130,15 @@ class Fleet:
         self.port = bmd.spec.runtime.port
         await self._ensure_token(bmd)
         if self.children_dirty or self.applied != (generation, replicas):
-            for child in manifests.children(bmd, self.config, replicas):
-                await self.kube.apply(child)
-            self.applied, self.children_dirty = (generation, replicas), False
+            # Cleared before applying: a child edited while we apply marks it dirty again.
+            self.children_dirty = False
+            try:
+                for child in manifests.children(bmd, self.config, replicas):
+                    await self.kube.apply(child)
+            except Exception:
+                self.children_dirty = True
+                raise
+            self.applied = (generation, replicas)
 
         pods = [RuntimePod.of(p) for p in world.pods]
         live = {p.name for p in pods}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..config import OperatorConfig
 from ..fleet import Fleet
@@ -22,6 +23,9 @@ class Context:
     pod_calls: asyncio.Semaphore
     fleets: dict[tuple[str, str], Fleet] = field(default_factory=dict)
     scalers: dict[tuple[str, str], Scaler] = field(default_factory=dict)
+    # (namespace, kind, name) -> the last generation seen of each child, to tell spec edits
+    # from status updates
+    generations: dict[tuple[str, str, str], Any] = field(default_factory=dict)
 
     def fleet(self, namespace: str, name: str) -> Fleet:
         key = (namespace, name)

@@ -17,6 +17,7 @@ from .context import Context
 
 log = logging.getLogger(__name__)
 OURS = {names.LABEL_BASE: kopf.PRESENT, names.LABEL_MANAGED_BY: names.MANAGED_BY}
+ROUTERS = {routing.LABEL_ROUTER_FOR: kopf.PRESENT}
 RUNTIME_PODS = {names.LABEL_BASE: kopf.PRESENT, names.LABEL_COMPONENT: names.COMPONENT_RUNTIME}
 ERROR_DELAYS = (1, 2, 5, 10, 30)
 
@@ -66,10 +67,38 @@ def child_changed(
     memo: kopf.Memo,
     **_: Any,
 ) -> None:
-    # A child edited or deleted by hand is put back: SSA with force restores our fields.
+    memo.ctx.poke(*_base_key(namespace, labels), children=_needs_putting_back(memo.ctx, type, body))
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=ROUTERS)
+@kopf.on.event("", "v1", "services", labels=ROUTERS)
+def router_child_changed(
+    namespace: str,
+    labels: kopf.Labels,
+    type: str | None,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    base = labels.get(routing.LABEL_ROUTER_FOR, "")
+    memo.ctx.poke(namespace, base, children=_needs_putting_back(memo.ctx, type, body))
+
+
+def _needs_putting_back(ctx: Context, type: str | None, body: kopf.Body) -> bool:
+    """A child deleted, or a Deployment whose spec changed (by hand, or by our own apply; SSA
+    with force puts our fields back and is a no-op when they are ours already). A status
+    update alone (a rollout progressing) changes no generation and applies nothing."""
     meta = body.get("metadata") or {}
-    edited = meta.get("generation") is not None and body.get("kind") == "Deployment"
-    memo.ctx.poke(*_base_key(namespace, labels), children=type == "DELETED" or edited)
+    key = (meta.get("namespace") or "", body.get("kind") or "", meta.get("name") or "")
+    if type == "DELETED":
+        ctx.generations.pop(key, None)
+        return True
+    generation = meta.get("generation")
+    # A child first seen (just created, or the operator just started) is checked by the
+    # fleet's first pass anyway.
+    changed = key in ctx.generations and ctx.generations[key] != generation
+    ctx.generations[key] = generation
+    return changed
 
 
 def _one(index: kopf.Index, key: tuple[str, str]) -> Any:
