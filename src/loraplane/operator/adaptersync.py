@@ -9,8 +9,9 @@ the API server, so every rule has a unit test with no cluster.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from loraplane.api import AdapterState, LoraAdapter, ReplicaAdapterStatus
 from loraplane.api.wire import (
@@ -110,6 +111,16 @@ class Failure:
 
     def applies_to(self, desired: DesiredAdapter) -> bool:
         return self.fingerprint == desired.fingerprint
+
+
+@dataclass
+class PodMemory:
+    """What the fleet knows about one pod beyond the Pod API: what it holds, what failed."""
+
+    incarnation: tuple[Any, ...]
+    actual: dict[str, AdapterInfo] = field(default_factory=dict)
+    failures: dict[str, Failure] = field(default_factory=dict)
+    measured_at: float = 0.0
 
 
 @dataclass(frozen=True)

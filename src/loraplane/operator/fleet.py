@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,11 +21,11 @@ from loraplane.api import (
     BaseModelDeployment,
     ConditionStatus,
 )
-from loraplane.api.wire import ADMIN_TOKEN_KEY, AdapterInfo, credential_keys_for
+from loraplane.api.wire import ADMIN_TOKEN_KEY, credential_keys_for
 
 from . import adaptersync, manifests, names
-from .adaptersync import DesiredAdapter, Failure, GateView
-from .bodies import adapter_status_of, desired_adapters, served_name_of, strip
+from .adaptersync import DesiredAdapter, Failure, GateView, PodMemory
+from .bodies import desired_adapters, strip
 from .config import OperatorConfig
 from .kube import Kube
 from .metrics import OperatorMetrics
@@ -33,11 +33,7 @@ from .pods import RuntimePod, gate_condition
 from .runtimeclient import PodAddress, RuntimeCallError, RuntimeClient
 from .status import (
     FleetFacts,
-    PodAdapterFacts,
-    Reason,
-    adapter_status,
     base_status,
-    blocked_adapter_status,
 )
 from .statuswriter import StatusWriter
 
@@ -45,16 +41,6 @@ log = logging.getLogger(__name__)
 SECRET_MISSING = "secret_not_found"
 # How long one pass waits for its pods' syncs before reporting; slower ones report when done.
 POD_SYNC_WAIT_SECONDS = 2.0
-
-
-@dataclass
-class PodMemory:
-    """What the fleet knows about one pod beyond the Pod API: what it holds, what failed."""
-
-    incarnation: tuple[Any, ...]
-    actual: dict[str, AdapterInfo] = field(default_factory=dict)
-    failures: dict[str, Failure] = field(default_factory=dict)
-    measured_at: float = 0.0
 
 
 @dataclass
@@ -153,7 +139,9 @@ class Fleet:
 
         await self._start_pod_syncs(targets, desired)
         await self._gates(pods, targets, desired)
-        ready, failing = await self._report_adapters(world.adapters, targets, desired, blocked)
+        ready, failing = await self.writer.report_adapters(
+            world.adapters, targets, desired, blocked, self._mem
+        )
         self.metrics.pods_out_of_sync.labels(namespace=self.namespace, base=self.name).set(
             sum(
                 1
@@ -226,7 +214,11 @@ class Fleet:
         try:
             if time.monotonic() - mem.measured_at > self.config.resync_seconds:
                 async with self.pod_calls:
-                    mem.actual = await self.runtime.list_adapters(address, self.token or "")
+                    fresh = await self.runtime.list_adapters(address, self.token or "")
+                # Unchanged answers keep their objects, so statuses built from them are
+                # known to be current (StatusWriter.report_adapters).
+                old = mem.actual
+                mem.actual = {n: old[n] if old.get(n) == i else i for n, i in fresh.items()}
                 mem.measured_at = time.monotonic()
             plan = adaptersync.plan_pod(desired, mem.actual, mem.failures, time.time())
             for served in plan.unloads:
@@ -335,50 +327,6 @@ class Fleet:
         )
 
     # ---- status ---------------------------------------------------------------------------
-
-    async def _report_adapters(
-        self,
-        bodies: Sequence[Mapping[str, Any]],
-        targets: Sequence[RuntimePod],
-        desired: Mapping[str, DesiredAdapter],
-        blocked: Mapping[str, tuple[Reason, str]],
-    ) -> tuple[int, list[str]]:
-        ready, failing = 0, []
-        by_name = {d.name: d for d in desired.values()}
-        writes = []
-        for body in bodies:
-            meta = body["metadata"]
-            if meta.get("deletionTimestamp"):
-                continue
-            name = meta["name"]
-            previous = adapter_status_of(body)
-            want = by_name.get(name)
-            if want is None:
-                reason, message = blocked.get(name, (Reason.LOAD_FAILED, "not synced"))
-                status = blocked_adapter_status(
-                    meta.get("generation") or 0, served_name_of(body), reason, message, previous
-                )
-                failing.append(name)
-            else:
-                facts = []
-                for pod in targets:
-                    mem = self._mem(pod)
-                    info = mem.actual.get(want.served_name)
-                    failure = mem.failures.get(want.served_name)
-                    failure = failure if failure and failure.applies_to(want) else None
-                    facts.append(
-                        PodAdapterFacts(
-                            adaptersync.replica_row(pod.name, want, info, failure), info, failure
-                        )
-                    )
-                status = adapter_status(want, facts, previous)
-                if status.loaded_replicas == status.total_replicas and status.total_replicas:
-                    ready += 1
-                elif any(f.failure for f in facts):
-                    failing.append(name)
-            writes.append((body, previous, status))
-        await asyncio.gather(*(self.writer.write_adapter(b, p, s) for b, p, s in writes))
-        return ready, failing
 
     async def _report_base(
         self, bmd: BaseModelDeployment, world: World, replicas: int, ready: int, failing: list[str]

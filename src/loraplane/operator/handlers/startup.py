@@ -31,7 +31,9 @@ def api_client() -> client.ApiClient:
         kubeconfig.load_incluster_config()
     except kubeconfig.ConfigException:
         kubeconfig.load_kube_config()  # a local run, or a pod handed a KUBECONFIG
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = API_THREADS  # one connection per worker thread
+    return client.ApiClient(configuration)
 
 
 @kopf.on.startup()
@@ -52,7 +54,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.ctx = Context(
         config=config,
         kube=Kube(api_client()),
-        runtime=RuntimeClient(config.runtime_timeout_seconds, config.load_timeout_seconds),
+        # One kept-alive connection per pod for fleets of hundreds: a smaller pool reconnects
+        # on most calls.
+        runtime=RuntimeClient(
+            config.runtime_timeout_seconds, config.load_timeout_seconds, max_connections=1024
+        ),
         metrics=metrics,
         pod_calls=asyncio.Semaphore(config.sync_concurrency),
     )
