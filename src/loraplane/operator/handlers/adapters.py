@@ -27,7 +27,10 @@ async def adapter_changed(
     ctx: Context = memo.ctx
     base = spec.get("baseModel", "")
     if (namespace, base) in bases:
-        ctx.poke(namespace, base)
+        # Our own status patches come back as events too: only a new adapter, a spec change
+        # or a deletion is news to the fleet.
+        if ctx.spec_changed(type, body, first_counts=True):
+            ctx.poke(namespace, base)
         return
     if type == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
         return

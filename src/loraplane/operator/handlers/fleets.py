@@ -20,6 +20,7 @@ OURS = {names.LABEL_BASE: kopf.PRESENT, names.LABEL_MANAGED_BY: names.MANAGED_BY
 ROUTERS = {routing.LABEL_ROUTER_FOR: kopf.PRESENT}
 RUNTIME_PODS = {names.LABEL_BASE: kopf.PRESENT, names.LABEL_COMPONENT: names.COMPONENT_RUNTIME}
 ERROR_DELAYS = (1, 2, 5, 10, 30)
+DEBOUNCE_SECONDS = 0.2
 
 
 def _base_key(namespace: str | None, labels: Any) -> tuple[str, str]:
@@ -85,20 +86,11 @@ def router_child_changed(
 
 
 def _needs_putting_back(ctx: Context, type: str | None, body: kopf.Body) -> bool:
-    """A child deleted, or a Deployment whose spec changed (by hand, or by our own apply; SSA
-    with force puts our fields back and is a no-op when they are ours already). A status
-    update alone (a rollout progressing) changes no generation and applies nothing."""
-    meta = body.get("metadata") or {}
-    key = (meta.get("namespace") or "", body.get("kind") or "", meta.get("name") or "")
-    if type == "DELETED":
-        ctx.generations.pop(key, None)
-        return True
-    generation = meta.get("generation")
-    # A child first seen (just created, or the operator just started) is checked by the
-    # fleet's first pass anyway.
-    changed = key in ctx.generations and ctx.generations[key] != generation
-    ctx.generations[key] = generation
-    return changed
+    """A child deleted, or whose spec changed (by hand, or by our own apply: SSA with force
+    puts our fields back and is a no-op when they are ours already). A status update alone
+    (a rollout progressing) applies nothing; a child first seen is checked by the fleet's
+    first pass anyway."""
+    return ctx.spec_changed(type, body, first_counts=False)
 
 
 def _one(index: kopf.Index, key: tuple[str, str]) -> Any:
@@ -142,8 +134,8 @@ async def run_fleet(
                 log.exception("sync of %s/%s failed (retry in %ss): %s", namespace, name, delay, e)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(fleet.trigger.wait(), timeout=delay)
-            # Let a burst of events land before measuring again.
-            await asyncio.sleep(0.05)
+            # Let a burst of events (pods finishing, gates opening) land before the next pass.
+            await asyncio.sleep(DEBOUNCE_SECONDS)
     finally:
         fleet.close()
         ctx.fleets.pop(key, None)
