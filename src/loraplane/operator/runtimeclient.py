@@ -8,6 +8,7 @@ condition. Credentials travel only in PUT bodies and never reach a log or an err
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import httpx
@@ -28,6 +29,8 @@ from loraplane.api.wire import (
 ATTEMPTS = 3
 RETRY_DELAYS = (0.2, 0.5)
 UNREACHABLE = "unreachable"
+# Connections kept per pod: a sync, a scrape and an unload can overlap on one pod.
+PER_POD = 4
 
 
 class RuntimeCallError(Exception):
@@ -62,20 +65,35 @@ class PodAddress:
 
 
 class RuntimeClient:
-    def __init__(self, timeout: float, load_timeout: float, max_connections: int = 64) -> None:
+    """One small connection pool per pod: httpx scans its whole pool on every request, so a
+    single pool for hundreds of pods spends the operator's CPU finding a connection."""
+
+    def __init__(self, timeout: float, load_timeout: float, max_pods: int = 4096) -> None:
         self.timeout = timeout
         self.load_timeout = load_timeout
-        # Never a proxy: pod addresses are only reachable directly.
-        self._http = httpx.AsyncClient(
-            timeout=timeout,
-            trust_env=False,
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-        )
+        self.max_pods = max_pods
+        self._clients: OrderedDict[str, httpx.AsyncClient] = OrderedDict()
+
+    def _client(self, url: str) -> httpx.AsyncClient:
+        client = self._clients.get(url)
+        if client is None:
+            # Never a proxy: pod addresses are only reachable directly.
+            client = httpx.AsyncClient(
+                timeout=self.timeout,
+                trust_env=False,
+                limits=httpx.Limits(max_connections=PER_POD, max_keepalive_connections=PER_POD),
+            )
+            self._clients[url] = client
+            while len(self._clients) > self.max_pods:  # pods long gone: close their pools
+                _, old = self._clients.popitem(last=False)
+                asyncio.get_running_loop().create_task(old.aclose())
+        else:
+            self._clients.move_to_end(url)
+        return client
 
     async def close(self) -> None:
-        await self._http.aclose()
+        clients, self._clients = list(self._clients.values()), OrderedDict()
+        await asyncio.gather(*(c.aclose() for c in clients))
 
     async def list_adapters(self, pod: PodAddress, token: str) -> dict[str, AdapterInfo]:
         r = await self._call("GET", pod, ADAPTERS_PATH, token)
@@ -129,7 +147,7 @@ class RuntimeClient:
         attempts = ATTEMPTS if retry else 1
         for attempt in range(attempts):
             try:
-                r = await self._http.request(
+                r = await self._client(pod.url).request(
                     method,
                     pod.url + path,
                     json=json,

@@ -54,11 +54,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.ctx = Context(
         config=config,
         kube=Kube(api_client()),
-        # One kept-alive connection per pod for fleets of hundreds: a smaller pool reconnects
-        # on most calls.
-        runtime=RuntimeClient(
-            config.runtime_timeout_seconds, config.load_timeout_seconds, max_connections=1024
-        ),
+        runtime=RuntimeClient(config.runtime_timeout_seconds, config.load_timeout_seconds),
         metrics=metrics,
         pod_calls=asyncio.Semaphore(config.sync_concurrency),
     )
