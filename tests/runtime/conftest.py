@@ -3,16 +3,7 @@ the runtime tests share (tiny models and adapters, file servers, the step gate).
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-# Triton reads this when it is first imported (importing torch does not import it), so it
-# must be set before any test module imports the kernels. Only where no GPU exists: on a GPU
-# machine the kernels run for real.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+# TRITON_INTERPRET is set in tests/conftest.py, before any test module imports the kernels.
 from pathlib import Path
 
 import pytest
