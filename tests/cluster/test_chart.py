@@ -223,6 +223,17 @@ def test_install_elects_one_leader_and_uninstall_leaves_nothing(
     """Two replicas watching only this namespace (so other tests' objects are not touched):
     both Ready, one paused in favour of the other through the KopfPeering, no Forbidden."""
     release = f"lp-{namespace}"[:53]
+    # kopf's peering CRDs Established first: on a fresh cluster a CRD helm creates a moment
+    # before the operators start answers their watches "storage is (re)initializing" for a while.
+    peering_crds = chart.CHART / "charts" / "kopf-peering" / "crds"
+    local.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(peering_crds))
+    local.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/kopfpeerings.kopf.dev",
+        "crd/clusterkopfpeerings.kopf.dev",
+    )
     helm_bin = local.local.bins.helm
     base = [str(helm_bin), f"--kubeconfig={local.kubeconfig}", f"--namespace={namespace}"]
     install = subprocess.run(
@@ -264,7 +275,7 @@ def test_install_elects_one_leader_and_uninstall_leaves_nothing(
 
     wait_for(
         lambda: "Pausing operations in favour of" in log(follower),
-        60,
+        120,
         f"{follower} (lower priority) to pause in favour of {leader}",
     )
     assert "Pausing operations" not in log(leader)
