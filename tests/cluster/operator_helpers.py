@@ -162,3 +162,18 @@ def complete_text(pod: dict, model: str) -> str:
     )
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["text"]
+
+
+def kill_runtime(pod: dict) -> None:
+    """kill -9 of the pod's runtime process (the node agent runs it as a local process): the
+    pod restarts empty."""
+    ip = pod["status"]["podIP"]
+    pids = subprocess.run(
+        ["pgrep", "-f", f"loraplane-runtime .*--host {ip} "],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    assert pids, f"no runtime process bound to {ip}"
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)

@@ -9,9 +9,6 @@ scaling, and an operator restart that loses nothing.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from operator_helpers import (
     condition,
     fleet_ready,
     held,
+    kill_runtime,
     peft_greedy_ids,
     runtime_pods,
 )
@@ -194,16 +192,8 @@ def test_a_restarted_runtime_serves_again_only_with_its_adapters(kube: Kube, fle
     again only once it holds its adapters (nothing else resets a custom gate)."""
     ns = fleet["ns"]
     pod = runtime_pods(kube, ns)[0]
-    name, ip = pod["metadata"]["name"], pod["status"]["podIP"]
-    pids = subprocess.run(
-        ["pgrep", "-f", f"loraplane-runtime .*--host {ip} "],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split()
-    assert pids, f"no runtime process bound to {ip}"
-    for pid in pids:
-        os.kill(int(pid), signal.SIGKILL)
+    name = pod["metadata"]["name"]
+    kill_runtime(pod)
     seen_not_ready = []
 
     def back() -> dict | None:

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +34,7 @@ from operator_helpers import (
     base_model,
     condition,
     fleet_ready,
+    kill_runtime,
     peft_greedy_ids,
     runtime_pods,
 )
@@ -407,21 +405,6 @@ class Load:
 
     def wrong(self) -> list[tuple[str, int, str]]:
         return [(m, s, t) for m, s, t in self.results if s != 200 or t != self.expected[m]]
-
-
-def kill_runtime(pod: dict) -> None:
-    """kill -9 of the pod's runtime process: answers in progress break before their first byte
-    (a completion is sent whole at its end), and the pod restarts empty."""
-    ip = pod["status"]["podIP"]
-    pids = subprocess.run(
-        ["pgrep", "-f", f"loraplane-runtime .*--host {ip} "],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split()
-    assert pids, f"no runtime process bound to {ip}"
-    for pid in pids:
-        os.kill(int(pid), signal.SIGKILL)
 
 
 @pytest.mark.parametrize("how", ["deleted", "force-deleted", "runtime-killed"])
