@@ -1,8 +1,10 @@
 """LoRA expand: y[t] += scale[slot] · h[t] · B[slot]ᵀ, accumulated in place into the base output.
 
-Same tiling as the shrink (one tile of tokens of one slot per program, times a BLOCK_N slice
-of d_out); the loop over rank stops at the slot's true rank and the shrink's split-K partials
-are summed on load. Products run on tensor cores in the adapter's dtype, sums in fp32.
+Same tiling as the shrink (a work item is one tile of tokens of one slot times a BLOCK_N slice
+of d_out, looped over by a persistent grid up to the live tiles); the loop over rank stops at
+the slot's true rank and the shrink's split-K partials are summed on load. Products run on
+tensor cores in the adapter's dtype, sums in fp32. Every item adds into y, so each must run
+exactly once: the tests check that on the sum.
 """
 
 from __future__ import annotations
@@ -12,10 +14,33 @@ import triton
 import triton.language as tl
 
 from loraplane.runtime.kernels.lora_shrink import exact_dot, rank_mask
-from loraplane.runtime.kernels.segments import SegmentTiles
+from loraplane.runtime.kernels.segments import (
+    LaunchConfig,
+    LaunchTable,
+    SegmentTiles,
+    launch_config,
+    persistent_programs,
+)
 
 BLOCK_R = 16
 BLOCK_N = 128  # with 16 rank columns: a 4 KB slice of B per program in bf16
+
+# Not yet timed: picked from ptxas's register and spill counts (test_kernels_compile.py checks
+# them for sm90 and sm80), to be tuned on a GPU (bench/kernels.py; `config=` tries one). A
+# prefill item holds a [64, 128] fp32 accumulator and the y tile it adds to: at 4 warps that
+# spills (16-144 bytes), at 8 warps it takes 172-195 registers a thread, one program per SM.
+# Decode tiles are [16, 128], 93-106 registers at 4 warps: 4 programs fit an SM and keep more
+# reads of B and y in flight. num_stages changed nothing measured (the rank loop is short).
+_DECODE = LaunchConfig(num_warps=4, num_stages=2, programs_per_sm=4)
+_PREFILL = LaunchConfig(num_warps=8, num_stages=2, programs_per_sm=1)
+EXPAND_CONFIGS: LaunchTable = {
+    ("decode", torch.bfloat16): _DECODE,
+    ("decode", torch.float16): _DECODE,
+    ("decode", torch.float32): _DECODE,
+    ("prefill", torch.bfloat16): _PREFILL,
+    ("prefill", torch.float16): _PREFILL,
+    ("prefill", torch.float32): _PREFILL,
+}
 
 
 @triton.jit
@@ -29,8 +54,10 @@ def _lora_expand_kernel(
     tile_slot_ptr,
     tile_start_ptr,
     tile_end_ptr,
+    num_live_ptr,
     d_out,
     num_splits,
+    n_tiles,
     stride_hs,
     stride_hm,
     stride_hr,
@@ -44,46 +71,53 @@ def _lora_expand_kernel(
     BLOCK_R: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    slot = tl.load(tile_slot_ptr + tile)
-    if slot < 0:
-        return
-    rank = tl.load(ranks_ptr + slot)
-    if rank == 0:
-        return
-    scale = tl.load(scales_ptr + slot)
-    start = tl.load(tile_start_ptr + tile)
-    end = tl.load(tile_end_ptr + tile)
-    rows = start + tl.arange(0, BLOCK_M)
-    m_mask = rows < end
-    tokens = tl.load(sorted_ptr + rows, mask=m_mask, other=0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < d_out
-    b_base = b_ptr + slot.to(tl.int64) * stride_bs
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
-        hm = m_mask[:, None] & r_mask[None, :]
-        h_rows = h_ptr + tokens[:, None] * stride_hm + offs_r[None, :] * stride_hr
-        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for s in range(0, num_splits):
-            h += tl.load(h_rows + s * stride_hs, mask=hm, other=0.0)  # [BLOCK_M, BLOCK_R]
-        b = tl.load(
-            b_base + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-            mask=n_mask[None, :] & r_mask[:, None],
-            other=0.0,
-        )  # [BLOCK_R, BLOCK_N]
-        h = h.to(b.dtype)  # rounded as a layer of this dtype would round it
-        if IEEE:
-            acc += tl.dot(h.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(h, b)
-    y_tile = y_ptr + tokens[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    ym = m_mask[:, None] & n_mask[None, :]
-    y = tl.load(y_tile, mask=ym, other=0.0).to(tl.float32)
-    tl.store(y_tile, (y + acc * scale).to(y_ptr.dtype.element_ty), mask=ym)
+    live_tiles = tl.load(num_live_ptr)
+    # Tile fastest: programs running side by side read the same slice of d_out of B.
+    for item in range(tl.program_id(0), live_tiles * n_tiles, tl.num_programs(0)):
+        tile = item % live_tiles
+        pid_n = item // live_tiles
+        slot = tl.load(tile_slot_ptr + tile)  # >= 0: the live tiles come first
+        rank = tl.load(ranks_ptr + slot)
+        if rank > 0:
+            scale = tl.load(scales_ptr + slot)
+            start = tl.load(tile_start_ptr + tile)
+            end = tl.load(tile_end_ptr + tile)
+            rows = start + tl.arange(0, BLOCK_M)
+            m_mask = rows < end
+            tokens = tl.load(sorted_ptr + rows, mask=m_mask, other=0).to(tl.int64)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < d_out
+            b_base = b_ptr + slot.to(tl.int64) * stride_bs
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for r0 in range(0, rank, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                r_mask = offs_r < rank
+                hm = m_mask[:, None] & r_mask[None, :]
+                h_rows = h_ptr + tokens[:, None] * stride_hm + offs_r[None, :] * stride_hr
+                h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for s in range(0, num_splits):  # each split's partial: [BLOCK_M, BLOCK_R]
+                    h += tl.load(h_rows + s * stride_hs, mask=hm, other=0.0)
+                b = tl.load(
+                    b_base + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                    mask=n_mask[None, :] & r_mask[:, None],
+                    other=0.0,
+                )  # [BLOCK_R, BLOCK_N]
+                h = h.to(b.dtype)  # rounded as a layer of this dtype would round it
+                if IEEE:
+                    acc += tl.dot(h.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(h, b)
+            y_tile = y_ptr + tokens[:, None] * stride_ym + offs_n[None, :] * stride_yn
+            ym = m_mask[:, None] & n_mask[None, :]
+            y = tl.load(y_tile, mask=ym, other=0.0).to(tl.float32)
+            tl.store(y_tile, (y + acc * scale).to(y_ptr.dtype.element_ty), mask=ym)
+
+
+def expand_programs(
+    tiles: SegmentTiles, d_out: int, block_n: int, device: torch.device, config: LaunchConfig
+) -> int:
+    """The launch's grid: at most a few programs per SM, whatever the tiles and d_out."""
+    return persistent_programs(tiles.max_tiles * triton.cdiv(d_out, block_n), device, config)
 
 
 def lora_expand(
@@ -94,8 +128,9 @@ def lora_expand(
     scales: torch.Tensor,
     tiles: SegmentTiles,
     block_n: int = BLOCK_N,
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """Add the LoRA delta into y in place and return y."""
+    """Add the LoRA delta into y in place and return y. config overrides EXPAND_CONFIGS."""
     # y: [tokens, d_out]  h: [splits, tokens, r_max] fp32  b: [slots, d_out, r_max]
     assert y.dim() == 2 and h.dim() == 3 and b.dim() == 3, (y.shape, h.shape, b.shape)
     num_tokens, d_out = y.shape
@@ -113,7 +148,8 @@ def lora_expand(
     assert y.stride(1) == 1 and b.stride(2) == 1, "y and B need a contiguous last dim"
     if num_tokens == 0:
         return y
-    grid = (tiles.max_tiles, triton.cdiv(d_out, block_n))
+    config = config or launch_config(EXPAND_CONFIGS, tiles, b.dtype)
+    grid = (expand_programs(tiles, d_out, block_n, y.device, config),)
     _lora_expand_kernel[grid](
         h,
         b,
@@ -124,8 +160,10 @@ def lora_expand(
         tiles.tile_slot,
         tiles.tile_start,
         tiles.tile_end,
+        tiles.num_live_tiles,
         d_out,
         h.shape[0],
+        triton.cdiv(d_out, block_n),
         h.stride(0),
         h.stride(1),
         h.stride(2),
@@ -138,6 +176,8 @@ def lora_expand(
         BLOCK_N=block_n,
         BLOCK_R=BLOCK_R,
         IEEE=exact_dot(b),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return y
 

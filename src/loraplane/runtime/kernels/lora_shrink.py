@@ -1,11 +1,11 @@
 """LoRA shrink: h = x · A[slot]ᵀ for every token, each token with its own adapter slot.
 
-Segmented (SGMV-style): a program takes one tile of up to BLOCK_M tokens of one slot, one
+Segmented (SGMV-style): a work item is one tile of up to BLOCK_M tokens of one slot, one
 BLOCK_R slice of that slot's rank and one slice of d_in (split-K), and writes fp32 partial
-sums. Rank slices past the slot's true rank exit at once, so only the real rank costs; tiles
-without a slot (padding programs, tokens without adapter) exit at once too. Decode batches
-(one token per sequence, many slots) use the same kernel with small tiles: the cost is
-reading A, which split-K spreads across the GPU.
+sums. A persistent grid (segments.py) loops over the items up to the device-side count of live
+tiles: padding tiles cost nothing, and a rank slice past the slot's true rank costs one loop
+turn of two cached loads, not a CTA. Decode batches (one token per sequence, many slots) use
+the same kernel with small tiles: the cost is reading A, which split-K spreads across the GPU.
 
 Projections that read the same input (q/k/v, gate/up) can share one launch: their A slots
 are stacked along the rank axis, `group_rows` apart, each with its own rank per slot.
@@ -17,10 +17,34 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplane.runtime.kernels.segments import SegmentTiles
+from loraplane.runtime.kernels.segments import (
+    LaunchConfig,
+    LaunchTable,
+    SegmentTiles,
+    launch_config,
+    persistent_programs,
+)
 
 BLOCK_R = 16  # tl.dot's smallest tile; a rank-8 adapter masks half of it (masked loads are free)
 BLOCK_K = 128  # decode streams A: 16 rank rows x 128 x 2 B per load, per program
+
+# Not yet timed: picked from ptxas's register and spill counts (test_kernels_compile.py checks
+# them for sm90 and sm80), to be tuned on a GPU (bench/kernels.py; `config=` tries one). Decode
+# items stream [128, 16] slices of A beside [16, 128] of x: 4 warps use 96-127 registers a
+# thread, so 4 programs fit an SM and overlap their loads. Prefill x tiles are [64, 128]: at
+# 4 warps the bf16 kernel needs 250+ registers and spills on sm80, at 8 warps 222-235, so one
+# program fills an SM's 64K registers. fp32 (the exact dot) spills at 4 warps, and its prefill
+# pipeline needs 3 stages not to spill on sm90. num_stages changed nothing else measured.
+_DECODE = LaunchConfig(num_warps=4, num_stages=2, programs_per_sm=4)
+_PREFILL = LaunchConfig(num_warps=8, num_stages=2, programs_per_sm=1)
+SHRINK_CONFIGS: LaunchTable = {
+    ("decode", torch.bfloat16): _DECODE,
+    ("decode", torch.float16): _DECODE,
+    ("decode", torch.float32): LaunchConfig(num_warps=8, num_stages=2, programs_per_sm=3),
+    ("prefill", torch.bfloat16): _PREFILL,
+    ("prefill", torch.float16): _PREFILL,
+    ("prefill", torch.float32): LaunchConfig(num_warps=8, num_stages=3, programs_per_sm=1),
+}
 
 
 @triton.jit
@@ -33,8 +57,11 @@ def _lora_shrink_kernel(
     tile_slot_ptr,
     tile_start_ptr,
     tile_end_ptr,
+    num_live_ptr,
     d_in,
     k_per_split,
+    num_splits,
+    rank_tiles,
     group_rows,
     stride_rg,
     stride_xm,
@@ -50,48 +77,53 @@ def _lora_shrink_kernel(
     BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    split = tl.program_id(2)
-    slot = tl.load(tile_slot_ptr + tile)
-    if slot < 0:
-        return
-    r0 = pid_r * BLOCK_R  # first row of this program in the stacked A
-    member = r0 // group_rows  # which projection of a shared-input group
-    local = r0 - member * group_rows
-    rank = tl.load(ranks_ptr + member * stride_rg + slot)
-    if local >= rank:
-        return
-    start = tl.load(tile_start_ptr + tile)
-    end = tl.load(tile_end_ptr + tile)
-    rows = start + tl.arange(0, BLOCK_M)
-    m_mask = rows < end
-    tokens = tl.load(sorted_ptr + rows, mask=m_mask, other=0).to(tl.int64)
-    offs_r = r0 + tl.arange(0, BLOCK_R)
-    r_mask = local + tl.arange(0, BLOCK_R) < rank
-    a_base = a_ptr + slot.to(tl.int64) * stride_as
-    k_begin = split * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, d_in)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k in range(k_begin, k_end, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
-        x = tl.load(
-            x_ptr + tokens[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )  # [BLOCK_M, BLOCK_K]
-        a = tl.load(
-            a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-            mask=r_mask[None, :] & k_mask[:, None],
-            other=0.0,
-        )  # [BLOCK_K, BLOCK_R]
-        if IEEE:
-            acc += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(x, a)
-    out = out_ptr + split * stride_os + tokens[:, None] * stride_om + offs_r[None, :] * stride_or
-    tl.store(out, acc, mask=m_mask[:, None] & r_mask[None, :])
+    live_tiles = tl.load(num_live_ptr)
+    # Tile fastest, so programs running side by side share A slices in L2; the rank slice
+    # slowest, so the dead slices of equal-rank slots form blocks the stride spreads evenly.
+    for item in range(tl.program_id(0), live_tiles * num_splits * rank_tiles, tl.num_programs(0)):
+        tile = item % live_tiles
+        split = (item // live_tiles) % num_splits
+        r0 = (item // (live_tiles * num_splits)) * BLOCK_R  # first row in the stacked A
+        slot = tl.load(tile_slot_ptr + tile)  # >= 0: the live tiles come first
+        member = r0 // group_rows  # which projection of a shared-input group
+        local = r0 - member * group_rows
+        rank = tl.load(ranks_ptr + member * stride_rg + slot)
+        if local < rank:
+            start = tl.load(tile_start_ptr + tile)
+            end = tl.load(tile_end_ptr + tile)
+            rows = start + tl.arange(0, BLOCK_M)
+            m_mask = rows < end
+            tokens = tl.load(sorted_ptr + rows, mask=m_mask, other=0).to(tl.int64)
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = local + tl.arange(0, BLOCK_R) < rank
+            a_base = a_ptr + slot.to(tl.int64) * stride_as
+            k_begin = split * k_per_split
+            k_end = tl.minimum(k_begin + k_per_split, d_in)
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k in range(k_begin, k_end, BLOCK_K):
+                offs_k = k + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < k_end
+                x = tl.load(
+                    x_ptr + tokens[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )  # [BLOCK_M, BLOCK_K]
+                a = tl.load(
+                    a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                    mask=r_mask[None, :] & k_mask[:, None],
+                    other=0.0,
+                )  # [BLOCK_K, BLOCK_R]
+                if IEEE:
+                    acc += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, a)
+            out = (
+                out_ptr
+                + split * stride_os
+                + tokens[:, None] * stride_om
+                + offs_r[None, :] * stride_or
+            )
+            tl.store(out, acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
 def exact_dot(x: torch.Tensor) -> bool:
@@ -101,11 +133,20 @@ def exact_dot(x: torch.Tensor) -> bool:
 
 
 def choose_split_k(tiles: SegmentTiles, d_in: int, r_max: int) -> int:
-    # Few tiles (decode) leave most SMs idle while each program streams A alone: split d_in.
-    programs = tiles.max_tiles * triton.cdiv(r_max, BLOCK_R)
-    if programs >= 512 or d_in < 1024:
+    # Few tiles (decode) leave most SMs idle while each item streams A alone: split d_in.
+    # Decided on the bound, not the live tiles, which only the device knows.
+    items = tiles.max_tiles * triton.cdiv(r_max, BLOCK_R)
+    if items >= 512 or d_in < 1024:
         return 1
     return min(8, triton.cdiv(d_in, 512))
+
+
+def shrink_programs(
+    tiles: SegmentTiles, rows: int, split_k: int, device: torch.device, config: LaunchConfig
+) -> int:
+    """The launch's grid: at most a few programs per SM, whatever the tiles, rows and splits."""
+    work_bound = tiles.max_tiles * triton.cdiv(rows, BLOCK_R) * split_k
+    return persistent_programs(work_bound, device, config)
 
 
 def lora_shrink(
@@ -116,11 +157,13 @@ def lora_shrink(
     split_k: int | None = None,
     out: torch.Tensor | None = None,
     block_k: int = BLOCK_K,
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """Partial sums [split_k, tokens, rows] fp32, defined only at [:, t, :rank] of tokens with a slot.
 
     ranks [slots] for one projection; ranks [members, slots] for a shared-input group whose
-    A rows are member-major, rows // members apart (a multiple of BLOCK_R).
+    A rows are member-major, rows // members apart (a multiple of BLOCK_R). config overrides
+    SHRINK_CONFIGS for this launch.
     """
     # x: [tokens, d_in]  a: [slots, rows, d_in]  ranks: [slots] or [members, slots] int32
     assert x.dim() == 2 and a.dim() == 3, (x.shape, a.shape)
@@ -146,8 +189,9 @@ def lora_shrink(
     assert out.shape == (split_k, num_tokens, r_max) and out.dtype == torch.float32, out.shape
     if num_tokens == 0:
         return out
+    config = config or launch_config(SHRINK_CONFIGS, tiles, x.dtype)
     k_per_split = triton.cdiv(triton.cdiv(d_in, split_k), block_k) * block_k
-    grid = (tiles.max_tiles, triton.cdiv(r_max, BLOCK_R), split_k)
+    grid = (shrink_programs(tiles, r_max, split_k, x.device, config),)
     _lora_shrink_kernel[grid](
         x,
         a,
@@ -157,8 +201,11 @@ def lora_shrink(
         tiles.tile_slot,
         tiles.tile_start,
         tiles.tile_end,
+        tiles.num_live_tiles,
         d_in,
         k_per_split,
+        split_k,
+        triton.cdiv(r_max, BLOCK_R),
         group_rows,
         ranks2.stride(0),
         x.stride(0),
@@ -173,6 +220,8 @@ def lora_shrink(
         BLOCK_R=BLOCK_R,
         BLOCK_K=block_k,
         IEEE=exact_dot(x),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return out
 
