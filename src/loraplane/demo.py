@@ -86,7 +86,7 @@ def _runtime_command(base: Path, port: int, cache_dir: Path) -> list[str]:
         "cpu",
         "--max-adapters",
         "4",
-        "--max-batch-tokens",
+        "--max-num-batched-tokens",
         "2048",
         "--cache-dir",
         str(cache_dir),

@@ -34,7 +34,7 @@ def test_the_runtime_command_carries_every_sizing_knob() -> None:
     assert flag(args, "--dtype") == "float16" and flag(args, "--device") == "cuda"
     assert flag(args, "--host") == "$(POD_IP)" and flag(args, "--port") == "8000"
     assert (flag(args, "--max-adapters"), flag(args, "--max-cpu-adapters")) == ("16", "64")
-    assert (flag(args, "--max-lora-rank"), flag(args, "--max-batch-tokens")) == ("32", "4096")
+    assert (flag(args, "--max-lora-rank"), flag(args, "--max-num-batched-tokens")) == ("32", "4096")
     assert flag(args, "--served-model-name") == "mistral"
     assert "$(POD_NAME)" in flag(args, "--cache-dir")
 

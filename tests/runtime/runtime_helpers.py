@@ -86,7 +86,7 @@ class StepGate:
         self.taken = 0  # steps started
         self.done = 0  # steps finished
 
-    def run(self, seqs, lora_slots):
+    def run(self, seqs, lora_slots, chunks=None):
         with self.cond:
             if not self.cond.wait_for(
                 lambda: self.is_open or self.taken < self.allowed, self.timeout_s
@@ -94,7 +94,7 @@ class StepGate:
                 raise RuntimeError(f"StepGate: no test let this step through in {self.timeout_s} s")
             self.taken += 1
         try:
-            return self.real_run(seqs, lora_slots)
+            return self.real_run(seqs, lora_slots, chunks)
         finally:
             with self.cond:
                 self.done += 1
@@ -164,7 +164,7 @@ def make_config(base: Path, tmp: Path, **overrides):
         model=str(base),
         served_model_name="tiny",
         max_adapters=4,
-        max_batch_tokens=1024,
+        max_num_batched_tokens=1024,
         cache_dir=tmp / "cache",
         pvc_root=tmp / "pvc",
         allow_unauthenticated_admin=True,

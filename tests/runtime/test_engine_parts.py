@@ -62,7 +62,7 @@ def test_block_manager_allocates_appends_and_frees():
 
 def test_admission_is_round_robin_across_adapters():
     a, b, c = entry("a"), entry("b"), entry("c")
-    sched = scheduler(BlockManager(64, 4), 3, max_batch_tokens=1000, max_running=4)
+    sched = scheduler(BlockManager(64, 4), 3, max_num_batched_tokens=1000, max_running=4)
     for _ in range(10):
         sched.add(seq(3, a))  # a burst for one adapter...
     sched.add(seq(3, b))
@@ -78,7 +78,7 @@ def test_admission_is_round_robin_across_adapters():
 
 def test_an_adapter_without_a_slot_waits_without_blocking_others():
     a, b = entry("a"), entry("b")
-    sched = scheduler(BlockManager(64, 4), 1, max_batch_tokens=1000, max_running=8)
+    sched = scheduler(BlockManager(64, 4), 1, max_num_batched_tokens=1000, max_running=8)
     sched.add(seq(3, a))
     sched.add(seq(3, b))
     sched.add(seq(3, None))
@@ -89,7 +89,7 @@ def test_an_adapter_without_a_slot_waits_without_blocking_others():
 
 def test_an_adapter_waiting_for_a_slot_gets_one_under_steady_load_of_another():
     a, b = entry("a"), entry("b")
-    sched = scheduler(BlockManager(256, 4), 1, max_batch_tokens=1000, max_running=8)
+    sched = scheduler(BlockManager(256, 4), 1, max_num_batched_tokens=1000, max_running=8)
     sched.add(seq(3, a, max_tokens=3))
     sched.add(seq(3, b, max_tokens=3))
     steps = 0
@@ -141,13 +141,13 @@ def test_the_scheduler_alone_places_registered_adapters_and_frees_retired_ones()
 
 
 def test_token_budget_and_preemption_under_cache_pressure():
-    sched = scheduler(BlockManager(4, 4), 1, max_batch_tokens=10, max_running=8)
+    sched = scheduler(BlockManager(4, 4), 1, max_num_batched_tokens=10, max_running=8)
     # Within one adapter the queue is FIFO; third is another adapter's, so it can go ahead.
     first, second, third = seq(8), seq(8), seq(2, entry("a"))
     for s in (first, second, third):
         sched.add(s)
     step = sched.schedule()
-    assert step.seqs == [first, third]  # second does not fit in the 10-token budget
+    assert step.seqs == [first, third]  # no blocks for second: first and third hold 3 of 4
     for s in step.seqs:
         s.num_cached = len(s)
         s.output_ids.append(9)

@@ -27,7 +27,7 @@ def server(demo_dir, tmp_path_factory):
         base,
         tmp_path_factory.mktemp("fuzz"),
         adapters={"poet": str(adapters["poet"])},
-        max_batch_tokens=128,  # every sequence is short: the budget buys inputs, not decoding
+        max_num_batched_tokens=128,  # every sequence is short: the budget buys inputs, not decoding
         max_request_bytes=1 << 16,
         fetch_timeout_s=2.0,
     )

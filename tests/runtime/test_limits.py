@@ -20,7 +20,7 @@ def server(demo_dir, tmp_path_factory):
         tmp_path_factory.mktemp("limits"),
         max_queue=2,
         max_running=1,
-        max_batch_tokens=256,
+        max_num_batched_tokens=256,
         adapters={"poet": str(adapters["poet"])},
     )
     with RunningServer(config) as running:
@@ -189,11 +189,11 @@ def test_a_failed_engine_step_fails_its_requests_and_the_server_goes_on(server, 
     real_run = runner.run
     calls = []
 
-    def broken_twice(seqs, slots):
+    def broken_twice(seqs, slots, chunks=None):
         calls.append(len(seqs))
         if len(calls) <= 2:  # the step, then the sequence on its own: it is the culprit
             raise RuntimeError("simulated device error")
-        return real_run(seqs, slots)
+        return real_run(seqs, slots, chunks)
 
     monkeypatch.setattr(runner, "run", broken_twice)
     body = {"model": "poet", "prompt": "hello", "max_tokens": 3, "temperature": 0}

@@ -36,7 +36,7 @@ def test_twice_capacity_gives_429s_never_5xx_and_flat_memory(demo_dir, tmp_path)
         adapters={name: str(path) for name, path in adapters.items()},
         max_running=MAX_RUNNING,
         max_queue=MAX_QUEUE,
-        max_batch_tokens=512,
+        max_num_batched_tokens=512,
     )
     models = ["tiny", *adapters]
 

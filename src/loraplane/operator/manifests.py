@@ -108,7 +108,7 @@ def runtime_args(bmd: BaseModelDeployment, config: OperatorConfig) -> list[str]:
         str(spec.max_cpu_adapters),
         "--max-lora-rank",
         str(spec.max_lora_rank),
-        "--max-batch-tokens",
+        "--max-num-batched-tokens",
         str(spec.max_batch_tokens),
         # Each pod its own cache: on a shared host (or a shared volume) two pods must never
         # write the same download directory.

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from loraplane.api.wire import ADMIN_TOKEN_ENV, RUNTIME_DTYPES
-from loraplane.runtime.config import CACHE_DIR_ENV, RuntimeConfig
+from loraplane.runtime.config import ATTENTION_BACKENDS, CACHE_DIR_ENV, RuntimeConfig
 
 
 def parse_args(
@@ -46,7 +46,14 @@ def parse_args(
         max_adapters=a.max_adapters,
         max_cpu_adapters=a.max_cpu_adapters,
         max_lora_rank=a.max_lora_rank,
-        max_batch_tokens=a.max_batch_tokens,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        max_model_len=a.max_model_len,
+        kv_cache_tokens=a.kv_cache_tokens,
+        gpu_memory_utilization=a.gpu_memory_utilization,
+        prefix_caching=a.prefix_caching,
+        kv_watermark=a.kv_watermark,
+        enforce_eager=a.enforce_eager,
+        attention_backend=a.attention_backend,
         max_queue=a.max_queue,
         max_running=a.max_running,
         adapters=adapters,
@@ -99,10 +106,51 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
     p.add_argument(
-        "--max-batch-tokens",
+        "--max-num-batched-tokens",
+        "--max-batch-tokens",  # its name before the KV cache was sized apart from it
+        dest="max_num_batched_tokens",
         type=int,
-        default=d.max_batch_tokens,
-        help="tokens per forward pass, and the KV cache's capacity in tokens",
+        default=d.max_num_batched_tokens,
+        help="tokens per forward pass: decodes first, then prompts in chunks of what is left",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        help="tokens per sequence, prompt + max_tokens (default: the model's, within the cache)",
+    )
+    p.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        help="KV cache capacity in tokens (default: sized from free GPU memory; on a CPU, "
+        "--max-num-batched-tokens)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=d.gpu_memory_utilization,
+        help="share of the GPU's memory for weights, activations and the KV cache",
+    )
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="never share the KV blocks of identical prompt prefixes (same adapter only)",
+    )
+    p.add_argument(
+        "--kv-watermark",
+        type=float,
+        default=d.kv_watermark,
+        help="share of KV blocks kept free at admission, so running requests are not preempted",
+    )
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="run decode steps without CUDA graphs"
+    )
+    p.add_argument(
+        "--attention-backend",
+        choices=ATTENTION_BACKENDS,
+        default=d.attention_backend,
+        help="triton: paged kernels over the block tables; torch: gather + SDPA (CPU); "
+        "auto: triton on a GPU",
     )
     p.add_argument(
         "--max-queue",

@@ -10,6 +10,7 @@ from loraplane.api.wire import ADMIN_TOKEN_ENV, RUNTIME_DTYPES
 from loraplane.runtime.adapters.guard import DEFAULT_DENY
 
 DEVICES = ("cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", "triton", "torch")
 # Every projection of a Llama/Mistral/Qwen2 block; the tiny test models and adapters use it too.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The default of --cache-dir: this one process's adapter downloads. Not the operator's
@@ -32,7 +33,18 @@ class RuntimeConfig:
     max_adapters: int = 8  # GPU slots
     max_cpu_adapters: int = 32  # host-memory copies beyond the slots
     max_lora_rank: int = 64
-    max_batch_tokens: int = 8192  # tokens per forward, and the KV cache's capacity
+    max_num_batched_tokens: int = 8192  # tokens per forward: the step's budget
+    # Tokens per sequence (prompt + max_tokens); None: the model's limit, within the cache.
+    max_model_len: int | None = None
+    # The KV cache's capacity. None: sized from free device memory on a GPU (after a profiling
+    # forward, to gpu_memory_utilization of the card); on a CPU, max_num_batched_tokens.
+    kv_cache_tokens: int | None = None
+    gpu_memory_utilization: float = 0.9
+    prefix_caching: bool = True
+    kv_watermark: float = 0.01  # share of KV blocks admission leaves free for running decodes
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
+    # "triton": paged kernels over block tables; "torch": gather + SDPA; "auto": triton on a GPU.
+    attention_backend: str = "auto"
     max_queue: int = 256  # waiting requests before 429
     max_running: int = 64  # sequences decoded together
     block_size: int = 16
@@ -49,7 +61,7 @@ class RuntimeConfig:
     shutdown_timeout_s: float = 30.0
     seed: int = 0
     # Hostile input bounds (docs/security.md).
-    max_request_bytes: int = 4 << 20  # an HTTP body; a prompt of max_batch_tokens is far less
+    max_request_bytes: int = 4 << 20  # an HTTP body; a prompt of max_model_len is far less
     max_adapter_bytes: int = 4 << 30  # an adapter's download, and what its archive unpacks to
     fetch_timeout_s: float = 600.0  # one adapter fetch, end to end
     max_concurrent_fetches: int = 4  # remote adapter fetches at once; more get 429
@@ -73,11 +85,27 @@ class RuntimeConfig:
                 )
         if not 1 <= self.max_lora_rank <= 1024:
             raise ValueError(f"--max-lora-rank must be in 1..1024, got {self.max_lora_rank}")
-        if self.max_batch_tokens < self.block_size:
+        if self.max_num_batched_tokens < self.max_running:
             raise ValueError(
-                f"--max-batch-tokens {self.max_batch_tokens} is below the block size "
-                f"{self.block_size}"
+                f"--max-num-batched-tokens {self.max_num_batched_tokens} is below --max-running "
+                f"{self.max_running}: every running sequence decodes a token each step"
             )
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ValueError(
+                f"--kv-cache-tokens {self.kv_cache_tokens} is below the block size {self.block_size}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"--max-model-len must be at least 2, got {self.max_model_len}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"--attention-backend {self.attention_backend!r} is not one of {ATTENTION_BACKENDS}"
+            )
+        if not 0.0 <= self.kv_watermark < 0.5:
+            raise ValueError(f"--kv-watermark must be in [0, 0.5), got {self.kv_watermark}")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port {self.port} is out of range")
         if self.admin_token is not None and not self.admin_token.strip():
@@ -108,5 +136,13 @@ class RuntimeConfig:
         self.pvc_root = Path(self.pvc_root)
 
     @property
-    def kv_cache_blocks(self) -> int:
-        return self.max_batch_tokens // self.block_size
+    def paged_attention(self) -> bool:
+        if self.attention_backend == "auto":
+            return self.device == "cuda"
+        return self.attention_backend == "triton"
+
+    def host_kv_cache_tokens(self) -> int:
+        """The KV capacity when not sized from device memory."""
+        if self.kv_cache_tokens is not None:
+            return self.kv_cache_tokens
+        return max(self.max_num_batched_tokens, self.max_model_len or 0)

@@ -60,15 +60,17 @@ class Engine:
         eos = set(runner.model.config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
-        self.max_seq_len = min(config.max_batch_tokens, runner.model.config.max_position_embeddings)
+        self.max_seq_len = runner.max_seq_len
         self.post = PostProcessor(tokenizer, eos, self.max_seq_len)
         self.tally = Tally(metrics, base_name)
-        self.blocks = BlockManager(config.kv_cache_blocks, config.block_size)
+        self.blocks = BlockManager(
+            runner.kv_blocks, config.block_size, config.prefix_caching, runner.watermark_blocks
+        )
         self.scheduler = Scheduler(
             self.blocks,
             LoraSlotManager(config.max_adapters, adapters.host),
             adapters,
-            config.max_batch_tokens,
+            config.max_num_batched_tokens,
             config.max_running,
         )
         self.streams: dict[int, RequestStream] = {}
@@ -244,14 +246,17 @@ class Engine:
         )
 
     def _run(self, step: Step) -> None:
-        self.tally.step(step.seqs, step.lora_slots)
+        self.tally.step(step)
+        sampled = [s for s, last in zip(step.seqs, step.samples, strict=True) if last]
         try:
-            tokens, logprobs = self.runner.run(step.seqs, step.lora_slots)
+            tokens, logprobs = self.runner.run(step.seqs, step.lora_slots, step.chunks)
         except Exception:
             log.exception("a step of %d sequences failed; running them one by one", len(step.seqs))
             tokens, logprobs = self._run_alone(step)
+        for seq in step.seqs:
+            self.blocks.commit(seq)  # its newly computed full blocks, for later prompts
         now = time.monotonic()
-        for seq, token, logprob in zip(step.seqs, tokens, logprobs, strict=True):
+        for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
             if seq.finished:
                 continue
             if token == FAILED:
@@ -267,14 +272,18 @@ class Engine:
     def _run_alone(self, step: Step) -> tuple[list[int], list[float]]:
         """Each sequence of a failed step in its own forward: only the culprit fails."""
         tokens, logprobs = [], []
-        for seq, slot in zip(step.seqs, step.lora_slots, strict=True):
+        for seq, slot, chunk, last in zip(
+            step.seqs, step.lora_slots, step.chunks, step.samples, strict=True
+        ):
             try:
-                (token,), (logprob,) = self.runner.run([seq], [slot])
+                out_tokens, out_logprobs = self.runner.run([seq], [slot], [chunk])
             except Exception:
                 log.exception("sequence %d failed on its own", seq.seq_id)
-                token, logprob = FAILED, 0.0
-            tokens.append(token)
-            logprobs.append(logprob)
+                out_tokens, out_logprobs = ([FAILED], [0.0]) if last else ([], [])
+                if not last:
+                    self._finish(seq, "error", error="internal error on this request")
+            tokens += out_tokens
+            logprobs += out_logprobs
         return tokens, logprobs
 
     def _why_failed(self, seq: Sequence) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from loraplane.runtime.config import RuntimeConfig
+from loraplane.runtime.cuda_graphs import DecodeGraphs, DecodeInputs, batch_buckets
 from loraplane.runtime.lora import AdapterWeights, LoraWeightBank, inject_lora
 from loraplane.runtime.model import AttentionContext, CausalLM, load_model
 from loraplane.runtime.model.loader import TORCH_DTYPES
@@ -33,15 +34,121 @@ class ModelRunner:
             dtype=TORCH_DTYPES[config.dtype],
             device=self.device,
         )
-        kv_positions = config.kv_cache_blocks * config.block_size
-        # One position past the blocks is never written: padded positions read its zeros.
-        self.pad_kv_index = kv_positions
-        shape = (mc.num_layers, kv_positions + 1, mc.num_kv_heads, mc.head_dim)
-        dtype = TORCH_DTYPES[config.dtype]
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.model.attach_kv_cache(self.k_cache, self.v_cache)
+        self.dtype = TORCH_DTYPES[config.dtype]
+        self.paged = config.paged_attention
+        self.kv_blocks = self._size_kv_cache()
+        self._allocate_kv_cache(self.kv_blocks)
+        # A sequence must fit the model, --max-model-len and the cache less the watermark
+        # (admission keeps that free: a longer sequence could never start).
+        self.watermark_blocks = int(config.kv_watermark * self.kv_blocks)
+        self.max_seq_len = min(
+            [
+                mc.max_position_embeddings,
+                (self.kv_blocks - self.watermark_blocks) * config.block_size,
+            ]
+            + ([config.max_model_len] if config.max_model_len else [])
+        )
+        self.decode_inputs: DecodeInputs | None = None
+        self.graphs: DecodeGraphs | None = None
+        if self.paged:
+            self.decode_inputs = DecodeInputs(
+                self.model,
+                self.lora,
+                config.max_running,
+                -(-self.max_seq_len // config.block_size),
+                config.block_size,
+                self.scratch_kv_index,
+                self.device,
+            )
+            if self.device.type == "cuda" and not config.enforce_eager:
+                self.graphs = DecodeGraphs(self.decode_inputs, batch_buckets(config.max_running))
+                self.graphs.capture()
+        log.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",
+            self.kv_blocks,
+            config.block_size,
+            self.kv_blocks * config.block_size,
+            self.kv_blocks * self.kv_block_bytes / 2**30,
+        )
         self.sampler = Sampler(config.seed)
+
+    @property
+    def kv_block_bytes(self) -> int:
+        mc = self.model.config
+        per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
+        return per_token * self.config.block_size
+
+    def _allocate_kv_cache(self, blocks: int) -> None:
+        mc = self.model.config
+        kv_positions = blocks * self.config.block_size
+        # Two positions past the blocks: one never written, whose zeros padded positions of
+        # gathered attention read; one that padding rows of a decode graph write and nothing
+        # reads.
+        self.pad_kv_index = kv_positions
+        self.scratch_kv_index = kv_positions + 1
+        shape = (mc.num_layers, kv_positions + 2, mc.num_kv_heads, mc.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.model.attach_kv_cache(self.k_cache, self.v_cache, self.config.block_size)
+
+    def _size_kv_cache(self) -> int:
+        """KV blocks: as configured, or what free GPU memory holds after a profiling forward."""
+        c = self.config
+        if c.kv_cache_tokens is not None or self.device.type != "cuda":
+            return -(-c.host_kv_cache_tokens() // c.block_size)
+        # The largest step this runner will take, with every token through a LoRA slot, on a
+        # cache just big enough for it: its peak is what activations need beside the weights.
+        tokens = c.max_num_batched_tokens
+        self._allocate_kv_cache(-(-tokens // c.block_size))
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_forward(tokens)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        profile_cache = 2 * self.k_cache.numel() * self.dtype.itemsize
+        del self.k_cache, self.v_cache
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        blocks = kv_blocks_for_memory(
+            total=total,
+            free=free,
+            reserved=torch.cuda.memory_reserved(self.device),
+            peak=peak - profile_cache,
+            utilization=c.gpu_memory_utilization,
+            block_bytes=self.kv_block_bytes,
+            reserve=graph_reserve_bytes(self.model.config.vocab_size, c.max_running),
+        )
+        if blocks * c.block_size < c.block_size * 2:
+            raise RuntimeError(
+                f"no GPU memory is left for the KV cache: weights and a {tokens}-token step "
+                f"use {peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB at "
+                f"--gpu-memory-utilization {c.gpu_memory_utilization}; lower "
+                "--max-num-batched-tokens or --max-adapters, or raise the utilization"
+            )
+        return blocks
+
+    @torch.inference_mode()
+    def _profile_forward(self, tokens: int) -> None:
+        mc = self.model.config
+        ctx = AttentionContext.build(
+            [tokens],
+            [tokens],
+            [list(range(-(-tokens // self.config.block_size)))],
+            self.config.block_size,
+            mc.sliding_window,
+            self.device,
+            pad_kv_index=self.pad_kv_index,
+            paged=self.paged,
+        )
+        # Logits of max_running rows, as a decode step of a full batch would take.
+        rows = min(tokens, self.config.max_running)
+        ctx.logits_index = torch.arange(tokens - rows, tokens, device=self.device)
+        self.lora.set_batch(torch.zeros(tokens, dtype=torch.long))
+        try:
+            logits = self.model(torch.zeros(tokens, dtype=torch.long, device=self.device), ctx)
+            torch.log_softmax(logits.float(), dim=-1)
+        finally:
+            self.lora.clear_batch()
 
     def _has_linear(self, short: str) -> bool:
         return any(
@@ -68,34 +175,93 @@ class ModelRunner:
         self.lora.clear(lora_slot)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], lora_slots: list[int]) -> tuple[list[int], list[float]]:
-        """One forward over every sequence's uncached tokens; next token and logprob of each.
+    def run(
+        self, seqs: list[Sequence], lora_slots: list[int], chunks: list[int] | None = None
+    ) -> tuple[list[int], list[float]]:
+        """One forward over the next chunks[i] uncached tokens of each sequence (all of them
+        when chunks is None); the next token and its logprob of each sequence whose chunk
+        reaches its last token, in order. The others are mid-prompt: nothing is sampled for
+        them (a seeded request's generator must not move).
 
         lora_slots: each sequence's LoRA slot, -1 for the base model alone.
         """
+        if chunks is None:
+            chunks = [s.num_uncached for s in seqs]
+        if (
+            self.graphs is not None
+            and all(c == 1 for c in chunks)
+            and self.graphs.inputs.fits(seqs)
+        ):
+            logits = self.graphs.run(seqs, lora_slots)
+            return self._sample(seqs, logits, seqs, chunks)
         ids: list[int] = []
         token_slots: list[int] = []  # the LoRA slot of every token
-        qlens, clens = [], []
-        for seq, lora_slot in zip(seqs, lora_slots, strict=True):
-            new = seq.uncached_tokens()
+        clens: list[int] = []
+        last: list[int] = []  # row of each sequence that samples
+        for i, (seq, lora_slot, chunk) in enumerate(zip(seqs, lora_slots, chunks, strict=True)):
+            new = seq.uncached_tokens(chunk)
+            assert len(new) == chunk, (seq.seq_id, len(new), chunk)
             ids += new
-            token_slots += [lora_slot] * len(new)
-            qlens.append(len(new))
-            clens.append(len(seq))
+            token_slots += [lora_slot] * chunk
+            clens.append(seq.num_cached + chunk)
+            if clens[-1] == len(seq):
+                last.append(i)
         ctx = AttentionContext.build(
-            qlens,
+            chunks,
             clens,
             [s.block_table for s in seqs],
             self.config.block_size,
             self.model.config.sliding_window,
             self.device,
             pad_kv_index=self.pad_kv_index,
+            paged=self.paged,
         )
+        ctx.logits_index = ctx.logits_index[last]
         self.lora.set_batch(torch.tensor(token_slots, dtype=torch.long))
         try:
             logits = self.model(torch.tensor(ids, device=self.device), ctx)
         finally:
             self.lora.clear_batch()
-        for seq in seqs:
-            seq.num_cached = len(seq)
-        return self.sampler(logits, [s.seq_id for s in seqs], [s.params for s in seqs])
+        return self._sample(seqs, logits, [seqs[i] for i in last], chunks)
+
+    def _sample(
+        self,
+        seqs: list[Sequence],
+        logits: torch.Tensor,
+        sampled: list[Sequence],
+        chunks: list[int],
+    ) -> tuple[list[int], list[float]]:
+        # logits: [len(sampled), vocab]
+        out: tuple[list[int], list[float]] = ([], [])
+        if sampled:
+            out = self.sampler(logits, [s.seq_id for s in sampled], [s.params for s in sampled])
+        for seq, chunk in zip(seqs, chunks, strict=True):
+            seq.num_cached += chunk
+        return out
+
+
+def graph_reserve_bytes(vocab_size: int, max_running: int) -> int:
+    """Memory kept out of the KV cache for what the profiling forward does not allocate:
+    the sampler's fp32 copies of a full batch's logits, and CUDA graphs' private pools."""
+    return 4 * 4 * vocab_size * max_running + (512 << 20)
+
+
+def kv_blocks_for_memory(
+    *,
+    total: int,
+    free: int,
+    reserved: int,
+    peak: int,
+    utilization: float,
+    block_bytes: int,
+    reserve: int,
+) -> int:
+    """KV blocks that fit in utilization of the card, beside this process's peak use.
+
+    total, free: the device's, as the driver sees it (free counts other processes' use and
+    the CUDA context as taken); reserved: what torch's allocator holds now; peak: the most
+    this process allocated in the profiling forward, KV cache excluded.
+    """
+    others = max(0, total - free - reserved)  # other processes, the CUDA context, NCCL...
+    budget = int(total * utilization) - others - peak - reserve
+    return max(0, budget // block_bytes)

@@ -1,7 +1,9 @@
 """Decides, at each step boundary, which sequences run and which adapter holds which LoRA slot.
 
-Every running sequence decodes one token; waiting ones are admitted (prefill) in the same step
-while the token budget, the KV blocks and the LoRA slots allow. Admission is round-robin
+Every running sequence decodes one token first; prompts being prefilled then get their next
+chunk, and waiting ones are admitted in the same step while the token budget, the KV blocks
+(less a free-block watermark) and the LoRA slots allow; an admitted prompt starts after its
+longest cached prefix (block_manager.py). Admission is round-robin
 across adapters, so a burst for one adapter cannot starve another; a sequence whose adapter is
 not in a LoRA slot yet is skipped without holding up the rest. When adapters wait for a slot
 and every slot is held by an adapter with running requests, the least recently used holder
@@ -40,17 +42,29 @@ class Registry(Protocol):
 
 @dataclass
 class Step:
-    seqs: list[Sequence] = field(default_factory=list)
+    seqs: list[Sequence] = field(default_factory=list)  # decodes first, then prefill chunks
     lora_slots: list[int] = field(default_factory=list)  # per sequence, -1 = base
+    chunks: list[int] = field(default_factory=list)  # per sequence: tokens computed this step
     # For the device, in this order (a slot freed here may be handed out again in the same
     # step): clear the freed slots, then copy each newly placed adapter into its slot.
     clears: list[int] = field(default_factory=list)
     loads: list[tuple[int, AdapterEntry]] = field(default_factory=list)
     failed: list[Sequence] = field(default_factory=list)  # their adapter failed
 
+    def add(self, seq: Sequence, lora_slot: int, chunk: int) -> None:
+        assert 0 < chunk <= seq.num_uncached, (chunk, seq.num_uncached)
+        self.seqs.append(seq)
+        self.lora_slots.append(lora_slot)
+        self.chunks.append(chunk)
+
     @property
-    def num_prefill_tokens(self) -> int:
-        return sum(len(s) - s.num_cached for s in self.seqs if s.num_cached == 0)
+    def samples(self) -> list[bool]:
+        """Per sequence: does this step reach its last token (and so sample the next)?"""
+        return [c == s.num_uncached for s, c in zip(self.seqs, self.chunks, strict=True)]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.chunks)
 
 
 class Scheduler:
@@ -59,13 +73,17 @@ class Scheduler:
         blocks: BlockManager,
         lora_slots: LoraSlotManager,
         registry: Registry,
-        max_batch_tokens: int,
+        max_num_batched_tokens: int,
         max_running: int,
     ) -> None:
+        """max_num_batched_tokens: tokens per forward, the step's budget. Decodes take one
+        each and come first; prompts are then prefilled in chunks within what is left, so a
+        long prompt neither waits for an empty step nor stalls the streams already running."""
+        assert max_num_batched_tokens >= 1 and max_running >= 1
         self.blocks = blocks
         self.lora_slots = lora_slots
         self.registry = registry
-        self.max_batch_tokens = max_batch_tokens
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.max_running = max_running
         self.waiting: OrderedDict[str, deque[Sequence]] = OrderedDict()  # adapter -> FIFO
         self.running: list[Sequence] = []
@@ -108,7 +126,7 @@ class Scheduler:
                 step.clears.append(slot)
         self._place_idle(step, busy)
         if self.has_work():
-            self._decode(step, busy)
+            self._continue_running(step, busy)
             self._admit(step, busy)
         # After placement: a copy just put back or read in is kept if a slot took it.
         self.lora_slots.host.trim()
@@ -138,9 +156,12 @@ class Scheduler:
         busy.add(entry.uid)
         return slot
 
-    def _decode(self, step: Step, busy: set[int]) -> None:
+    def _continue_running(self, step: Step, busy: set[int]) -> None:
+        """Every running decode gets its token; running prefills their next chunks."""
         kept: list[Sequence] = []
-        queue = list(self.running)
+        budget = self.max_num_batched_tokens
+        # Decodes before prefill chunks (stable otherwise): oldest first.
+        queue = sorted(self.running, key=lambda s: s.num_uncached > 1)
         while queue:
             seq = queue.pop(0)
             while not self.blocks.can_append(seq) and queue:
@@ -148,12 +169,15 @@ class Scheduler:
             if not self.blocks.can_append(seq):
                 self._preempt(seq)
                 continue
+            kept.append(seq)
+            chunk = min(seq.num_uncached, budget)
+            if chunk == 0:
+                continue  # a prefill with no budget left this step: it keeps its blocks
             slot = self._lora_slot(seq, step, busy)
             assert slot is not None, "a running sequence's adapter always holds its slot"
             self.blocks.append(seq)
-            kept.append(seq)
-            step.seqs.append(seq)
-            step.lora_slots.append(slot)
+            step.add(seq, slot, chunk)
+            budget -= chunk
         self.running = kept
 
     def _preempt(self, seq: Sequence) -> None:
@@ -166,21 +190,21 @@ class Scheduler:
         return sum(1 for a in heads if a is not None and a.lora_slot is None and not a.error)
 
     def _admit(self, step: Step, busy: set[int]) -> None:
-        budget = self.max_batch_tokens - len(step.seqs)
+        budget = self.max_num_batched_tokens - step.num_tokens
         self.handing_over = self.lora_slots.to_hand_over(self._wanted(), busy, self.handing_over)
         progress = True
-        while progress and len(self.running) < self.max_running:
+        while progress and budget > 0 and len(self.running) < self.max_running:
             progress = False
             for key in list(self.waiting):
                 queue = self.waiting[key]
-                if not queue or len(self.running) >= self.max_running:
+                if not queue or budget <= 0 or len(self.running) >= self.max_running:
                     continue
                 seq = queue[0]
                 if seq.adapter is not None and seq.adapter.error:
                     queue.popleft()
                     step.failed.append(seq)
                     continue
-                if len(seq) > budget or not self.blocks.can_allocate(seq):
+                if not self.blocks.can_allocate(seq):
                     continue
                 if seq.adapter is not None and seq.adapter.uid in self.handing_over:
                     continue
@@ -191,9 +215,9 @@ class Scheduler:
                 self.blocks.allocate(seq)
                 seq.status = Status.RUNNING
                 self.running.append(seq)
-                step.seqs.append(seq)
-                step.lora_slots.append(slot)
-                budget -= len(seq)
+                chunk = min(seq.num_uncached, budget)  # after the cached prefix, if any
+                step.add(seq, slot, chunk)
+                budget -= chunk
                 # Round-robin: this adapter goes to the back of the line.
                 self.waiting.move_to_end(key)
                 progress = True

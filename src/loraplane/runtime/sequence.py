@@ -28,6 +28,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose k/v are in the cache
+    num_committed: int = 0  # full blocks offered to the prefix cache (BlockManager.commit)
+    block_hashes: list[bytes] = field(default_factory=list)  # digest of each full block's prefix
     started: bool = False  # has been in a forward pass (left the waiting queue once)
     text: str = ""  # output text streamed so far (stop strings cut off)
     decoded: str = ""  # output text decoded so far, some of it maybe not streamed yet
@@ -43,12 +45,18 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    def uncached_tokens(self) -> list[int]:
-        """Tokens whose k/v are not in the cache yet: one per decode, all after preemption."""
+    def uncached_tokens(self, limit: int | None = None) -> list[int]:
+        """The next tokens whose k/v are not in the cache yet, at most limit of them: one per
+        decode, a chunk of the prompt in a chunked prefill, all of them after preemption."""
         n = len(self.prompt_ids)
+        end = len(self) if limit is None else min(len(self), self.num_cached + limit)
         if self.num_cached >= n:
-            return self.output_ids[self.num_cached - n :]
-        return self.prompt_ids[self.num_cached :] + self.output_ids
+            return self.output_ids[self.num_cached - n : end - n]
+        return (self.prompt_ids + self.output_ids)[self.num_cached : end]
+
+    @property
+    def num_uncached(self) -> int:
+        return len(self) - self.num_cached
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

@@ -7,9 +7,13 @@ by HTTP threads (admission, readiness) and changed by the engine thread: under `
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from loraplane.runtime.metrics import Metrics
 from loraplane.runtime.sequence import Sequence
+
+if TYPE_CHECKING:
+    from loraplane.runtime.scheduler import Step
 
 
 class Tally:
@@ -34,15 +38,16 @@ class Tally:
         self.queued += n
         self.in_flight += n
 
-    def step(self, seqs: list[Sequence], lora_slots: list[int]) -> None:
+    def step(self, step: Step) -> None:
+        seqs = step.seqs
         started = [s for s in seqs if not s.started]
         for seq in started:
             seq.started = True
             self.metrics.prompt.labels(adapter=self.label(seq)).inc(len(seq.prompt_ids))
         with self.lock:
             self.queued -= len(started)
-        self.metrics.batch_tokens.observe(sum(len(s) - s.num_cached for s in seqs))
-        self.peak_adapters_per_step = max(self.peak_adapters_per_step, len(set(lora_slots)))
+        self.metrics.batch_tokens.observe(step.num_tokens)
+        self.peak_adapters_per_step = max(self.peak_adapters_per_step, len(set(step.lora_slots)))
         self.steps += 1
 
     def token(self, seq: Sequence, now: float) -> None:

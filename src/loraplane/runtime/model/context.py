@@ -1,9 +1,14 @@
 """Per-step attention metadata, computed once by the model runner and shared by all layers.
 
 The batch is flat: the tokens of every sequence laid end to end, prefill chunks and single
-decode tokens alike. Attention runs padded per sequence in two groups, decodes (one query
-each) and prefills, so one long prompt never pads every decode to its length; each group's
-`token_index` puts its outputs back in flat order.
+decode tokens alike, decodes first. Two ways to run attention over it:
+
+- paged (the GPU's): Triton kernels read k/v straight from the cache through each sequence's
+  block table (kernels/paged_attention.py); the leading one-query sequences go to the decode
+  kernel, the rest to the varlen prefill kernel. Only small int32 tables cross to the device.
+- gathered (the CPU's, and the reference): each group, decodes and prefills, is gathered
+  padded per sequence and run through SDPA with a mask, so one long prompt never pads every
+  decode to its length; each group's `token_index` puts its outputs back in flat order.
 """
 
 from __future__ import annotations
@@ -18,8 +23,18 @@ class AttentionGroup:
     token_index: torch.Tensor  # [group tokens] flat index of each valid query, row-major
     q_index: torch.Tensor  # [seqs, q_max] index into the flat tokens (0 where padded)
     q_valid: torch.Tensor  # [seqs, q_max] bool, False on padding
+    valid_rows: torch.Tensor  # [group tokens] flat index into [seqs * q_max] of each valid query
     kv_index: torch.Tensor  # [seqs, ctx_max] flat KV-cache index of each context position
     mask: torch.Tensor  # [seqs, 1, q_max, ctx_max] bool, True where attention is allowed
+
+
+@dataclass
+class PagedMetadata:
+    num_decodes: int  # the leading sequences with one query each: the decode kernel's
+    block_tables: torch.Tensor  # [seqs, width] int32, 0 past each table's end
+    context_lens: torch.Tensor  # [seqs] int32: tokens in the cache after this step's writes
+    query_start_loc: torch.Tensor  # [prefill seqs + 1] int32, from the first prefill token
+    max_query_len: int  # of the prefill sequences (host int: the kernel's grid)
 
 
 @dataclass
@@ -27,7 +42,8 @@ class AttentionContext:
     positions: torch.Tensor  # [tokens] position of each token in its sequence
     kv_write_index: torch.Tensor  # [tokens] flat KV-cache index each token's k/v is written to
     logits_index: torch.Tensor  # [seqs] flat index of each sequence's last token
-    groups: list[AttentionGroup]
+    groups: list[AttentionGroup]  # gathered attention (empty when paged)
+    paged: PagedMetadata | None = None
 
     @classmethod
     def build(
@@ -39,6 +55,8 @@ class AttentionContext:
         sliding_window: int | None = None,
         device: torch.device | str = "cpu",
         pad_kv_index: int = 0,
+        paged: bool = False,
+        table_width: int | None = None,
     ) -> AttentionContext:
         """Metadata for sequences whose last query_lens[i] of context_lens[i] tokens are new.
 
@@ -46,6 +64,8 @@ class AttentionContext:
         enough: a masked score still multiplies its V, and 0 * NaN is NaN, so a NaN left in a
         reused block by another request would reach this one. The runner passes a position
         that is never written (always zero).
+        paged: metadata for the paged kernels instead of gathered groups; table_width pads
+        every block table to that many entries (a CUDA graph's fixed shape).
         """
         assert len(query_lens) == len(context_lens) == len(block_tables)
         assert all(0 < q <= c for q, c in zip(query_lens, context_lens, strict=True))
@@ -59,6 +79,15 @@ class AttentionContext:
             blocks = torch.tensor(block_tables[i], dtype=torch.long)
             positions.append(pos)
             writes.append(blocks[pos // block_size] * block_size + pos % block_size)
+        if paged:
+            meta = _paged(query_lens, context_lens, block_tables, device, table_width)
+            return cls(
+                positions=torch.cat(positions).to(device),
+                kv_write_index=torch.cat(writes).to(device),
+                logits_index=(starts + ql - 1).to(device),
+                groups=[],
+                paged=meta,
+            )
         groups = []
         for decode in (True, False):
             members = [i for i, q in enumerate(query_lens) if (q == 1) == decode]
@@ -82,6 +111,33 @@ class AttentionContext:
             logits_index=(starts + ql - 1).to(device),
             groups=groups,
         )
+
+
+def _paged(
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    device: torch.device | str,
+    table_width: int | None,
+) -> PagedMetadata:
+    num_decodes = 0
+    while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
+        num_decodes += 1
+    width = table_width or max(len(t) for t in block_tables)
+    assert all(len(t) <= width for t in block_tables), "a block table is wider than the graph's"
+    tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
+    for row, table in enumerate(block_tables):
+        tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+    prefill = query_lens[num_decodes:]
+    qsl = torch.zeros(len(prefill) + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(torch.tensor(prefill, dtype=torch.int32), 0)
+    return PagedMetadata(
+        num_decodes=num_decodes,
+        block_tables=tables.to(device),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32).to(device),
+        query_start_loc=qsl.to(device),
+        max_query_len=max(prefill, default=0),
+    )
 
 
 def _group(
@@ -122,6 +178,8 @@ def _group(
         token_index=q_index[q_valid].to(device),
         q_index=q_index.to(device),
         q_valid=q_valid.to(device),
+        # Built here, on the host: indexing by q_valid on the device would sync every layer.
+        valid_rows=q_valid.reshape(-1).nonzero()[:, 0].to(device),
         kv_index=kv_index.to(device),
         mask=mask[:, None].to(device),
     )

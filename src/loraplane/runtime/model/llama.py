@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplane.runtime.model.config import ModelConfig
-from loraplane.runtime.model.context import AttentionContext
+from loraplane.runtime.model.context import AttentionContext, PagedMetadata
 from loraplane.runtime.model.rope import Rotary
 
 
@@ -42,6 +42,7 @@ class Attention(nn.Module):
         # Views into the runner's cache: [kv_positions, kv_heads, head_dim].
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.block_size = 0
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         # x: [tokens, hidden]
@@ -55,6 +56,9 @@ class Attention(nn.Module):
         self.k_cache[ctx.kv_write_index] = k
         self.v_cache[ctx.kv_write_index] = v
         out = torch.empty_like(q)  # [tokens, h, d]
+        if ctx.paged is not None:
+            self._paged(q, ctx.paged, out)
+            return self.o_proj(out.reshape(t, h * d))
         for g in ctx.groups:
             qp = q[g.q_index].transpose(1, 2)  # [seqs, h, q_max, d]
             kp = self.k_cache[g.kv_index].transpose(1, 2)  # [seqs, kv, ctx_max, d]
@@ -62,8 +66,44 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(
                 qp, kp, vp, attn_mask=g.mask, scale=self.scale, enable_gqa=h != kv
             )
-            out[g.token_index] = o.transpose(1, 2)[g.q_valid]
+            rows = o.transpose(1, 2).reshape(-1, h, d)  # [seqs * q_max, h, d]
+            out[g.token_index] = rows[g.valid_rows]
         return self.o_proj(out.reshape(t, h * d))
+
+    def _paged(self, q: torch.Tensor, meta: PagedMetadata, out: torch.Tensor) -> None:
+        # Imported here: the gathered path (CPU) runs without Triton's compiler in the loop.
+        from loraplane.runtime.kernels.paged_attention import (
+            paged_decode_attention,
+            paged_prefill_attention,
+        )
+
+        n, window = meta.num_decodes, self.config.sliding_window
+        if n:
+            paged_decode_attention(
+                q[:n],
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables[:n],
+                meta.context_lens[:n],
+                self.scale,
+                self.block_size,
+                sliding_window=window,
+                out=out[:n],
+            )
+        if n < q.shape[0]:
+            paged_prefill_attention(
+                q[n:],
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables[n:],
+                meta.query_start_loc,
+                meta.context_lens[n:],
+                meta.max_query_len,
+                self.scale,
+                self.block_size,
+                sliding_window=window,
+                out=out[n:],
+            )
 
 
 class MLP(nn.Module):
@@ -113,13 +153,16 @@ class CausalLM(nn.Module):
         self.model = DecoderModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def attach_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    def attach_kv_cache(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int = 16
+    ) -> None:
         # k_cache, v_cache: [layers, kv_positions, kv_heads, head_dim]
         assert k_cache.shape == v_cache.shape and k_cache.shape[0] == self.config.num_layers
         for i, layer in enumerate(self.model.layers):
             assert isinstance(layer, DecoderLayer)
             layer.self_attn.k_cache = k_cache[i]
             layer.self_attn.v_cache = v_cache[i]
+            layer.self_attn.block_size = block_size
 
     def forward(self, input_ids: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Logits of each sequence's last token: [seqs, vocab]."""

@@ -30,31 +30,37 @@ def inv_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 class Rotary:
-    """cos/sin tables grown on demand; kept in fp32 and cast per call like HF does."""
+    """cos/sin tables for every position the model takes, built once per device.
+
+    Sized by max_position_embeddings up front, never by the batch: growing on demand needs
+    the largest position on the host, a device sync inside every layer of every step (and no
+    CUDA graph can hold one). Kept in fp32 and cast per call, as HF does.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         # Always on the CPU: the model may be built on the meta device.
         with torch.device("cpu"):
             self.inv = inv_frequencies(config)
+        self.max_positions = config.max_position_embeddings
         self.cos = torch.empty(0)
         self.sin = torch.empty(0)
 
-    def _grow(self, length: int, device: torch.device) -> None:
-        length = max(length, 2 * self.cos.shape[0], 256)
-        t = torch.arange(length, dtype=torch.float32, device=device)
-        freqs = torch.outer(t, self.inv.to(device))
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos, self.sin = emb.cos(), emb.sin()
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos.device != device or self.cos.shape[0] == 0:
+            t = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+            freqs = torch.outer(t, self.inv.to(device))
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.cos, self.sin = emb.cos(), emb.sin()
+        return self.cos, self.sin
 
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [tokens, heads, d], k: [tokens, kv_heads, d], positions: [tokens]
-        top = int(positions.max()) + 1 if positions.numel() else 0
-        if top > self.cos.shape[0] or self.cos.device != q.device:
-            self._grow(top, q.device)
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
+        # q: [tokens, heads, d], k: [tokens, kv_heads, d], positions: [tokens], each below
+        # max_position_embeddings (the engine refuses longer sequences)
+        cos_table, sin_table = self.tables(q.device)
+        cos = cos_table[positions].to(q.dtype)[:, None, :]
+        sin = sin_table[positions].to(q.dtype)[:, None, :]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
