@@ -1,0 +1,111 @@
+"""The GPU's engine path on a CPU: paged Triton attention (under the interpreter) for chunked
+prefills and decodes, and decode steps through the persistent, padded inputs a CUDA graph
+captures, each answer held to PEFT's own."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import torch
+from runtime_helpers import RunningServer, make_config, peft_greedy
+
+from loraplane.runtime.cuda_graphs import DecodeGraphs, DecodeInputs, batch_buckets
+
+PROMPTS = ["the quick brown fox jumps over", "SELECT name FROM users", "hello"]
+MODELS = ["tiny", "poet", "sql-expert"]
+MAX_TOKENS = 5
+
+
+class EagerGraphs(DecodeGraphs):
+    """DecodeGraphs that run the code a graph would capture, eagerly: no GPU needed."""
+
+    def __init__(self, inputs: DecodeInputs, buckets: list[int]) -> None:
+        super().__init__(inputs, buckets)
+        self.replays: list[tuple[int, int, bool]] = []
+
+    def run(self, seqs, lora_slots):
+        bucket = self.bucket(len(seqs))
+        with_lora = any(s >= 0 for s in lora_slots)
+        self.inputs.fill(seqs, lora_slots, bucket)
+        self.replays.append((len(seqs), bucket, with_lora))
+        return self.inputs.forward(bucket, with_lora)[: len(seqs)]
+
+
+async def answers(server: RunningServer) -> list[str]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+
+        async def one(model: str, prompt: str) -> str:
+            body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+            r = await client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        return await asyncio.gather(*(one(m, p) for m in MODELS for p in PROMPTS))
+
+
+def expect_peft(demo_dir, got: list[str]) -> None:
+    base, adapters = demo_dir
+    for i, model in enumerate(MODELS):
+        expected = peft_greedy(base, adapters.get(model), PROMPTS, MAX_TOKENS)
+        ours = got[i * len(PROMPTS) : (i + 1) * len(PROMPTS)]
+        assert ours == expected, f"{model}: ours {ours} != PEFT {expected}"
+
+
+def paged_config(demo_dir, tmp_path, **overrides):
+    base, adapters = demo_dir
+    settings = dict(
+        adapters={n: str(p) for n, p in adapters.items()},
+        attention_backend="triton",
+        max_running=8,
+        kv_cache_tokens=1024,
+    )
+    return make_config(base, tmp_path, **(settings | overrides))
+
+
+def test_paged_attention_with_chunked_prefill_answers_as_peft_does(demo_dir, tmp_path):
+    # An 8-token budget: prompts are prefilled in chunks beside running decodes.
+    config = paged_config(demo_dir, tmp_path, max_num_batched_tokens=8)
+    with RunningServer(config) as server:
+        assert server.runtime.runner.paged and server.runtime.runner.graphs is None
+        got = asyncio.run(answers(server))
+    expect_peft(demo_dir, got)
+
+
+def test_decode_through_graph_inputs_answers_as_peft_does(demo_dir, tmp_path):
+    # 9 requests, 6 at a time: the last 3 decode padded to the bucket of 4.
+    config = paged_config(demo_dir, tmp_path, max_running=6)
+    server = RunningServer(config)
+    runner = server.runtime.runner
+    assert runner.decode_inputs is not None
+    graphs = EagerGraphs(runner.decode_inputs, batch_buckets(config.max_running))
+    runner.graphs = graphs
+    with server:
+        got = asyncio.run(answers(server))
+    expect_peft(demo_dir, got)
+    # Decodes went through the padded inputs, mixed batches with and without adapters.
+    assert any(n < bucket for n, bucket, _ in graphs.replays), graphs.replays
+    assert any(lora for *_, lora in graphs.replays), graphs.replays
+
+
+def test_graph_inputs_pad_rows_that_attend_to_nothing(demo_dir, tmp_path):
+    server = RunningServer(paged_config(demo_dir, tmp_path))
+    runner = server.runtime.runner
+    inputs = runner.decode_inputs
+    assert inputs is not None
+    before = runner.k_cache[:, : runner.pad_kv_index].clone()
+    inputs.pad(4)
+    logits = inputs.forward(4, with_lora=False)
+    assert torch.isfinite(logits).all()
+    # Padding wrote only the scratch position: no block, and not the zeros padding reads.
+    assert torch.equal(runner.k_cache[:, : runner.pad_kv_index], before)
+    assert not runner.k_cache[:, runner.pad_kv_index].any()
+
+
+def test_batch_buckets_cover_every_size():
+    for max_batch in (1, 3, 8, 16, 64, 100):
+        buckets = batch_buckets(max_batch)
+        assert buckets == sorted(set(buckets)) and buckets[-1] == max_batch
+        for n in range(1, max_batch + 1):
+            b = next(b for b in buckets if b >= n)
+            assert b - n < 16
