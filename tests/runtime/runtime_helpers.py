@@ -195,7 +195,12 @@ def rewrite_weights(adapter_dir: Path, change) -> Path:
 
 
 def peft_greedy(
-    base, adapter_dir, prompts: list[str], max_tokens: int, special: bool = False
+    base,
+    adapter_dir,
+    prompts: list[str],
+    max_tokens: int,
+    special: bool = False,
+    device: str = "cpu",
 ) -> list[str]:
     """PEFT's own greedy generate: the oracle every runtime output is held to."""
     import torch
@@ -203,13 +208,13 @@ def peft_greedy(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(base))
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).to(device)
     if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).to(device)
     model.eval()
     texts = []
     for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt", add_special_tokens=special).input_ids
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=special).input_ids.to(device)
         with torch.no_grad():
             out = model.generate(
                 ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id

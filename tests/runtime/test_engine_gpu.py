@@ -1,0 +1,80 @@
+"""GPU-only: the serving engine as it runs on a GPU (paged attention, decode CUDA graphs, KV
+cache sized from device memory), held to PEFT on the same GPU and to its own eager steps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+from runtime_helpers import RunningServer, make_config, peft_greedy
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+PROMPTS = ["the quick brown fox jumps over", "SELECT name FROM users", "hello", "once upon"]
+MODELS = ["tiny", "poet", "sql-expert", "support-bot"]
+MAX_TOKENS = 8
+
+
+def gpu_config(demo_dir, tmp_path, **overrides):
+    base, adapters = demo_dir
+    settings = dict(
+        adapters={n: str(p) for n, p in adapters.items()},
+        device="cuda",
+        dtype="float32",
+        max_running=16,
+        max_num_batched_tokens=64,  # short prompts still prefill in chunks beside decodes
+        kv_cache_tokens=8192,  # sized from memory in its own test
+    )
+    return make_config(base, tmp_path, **(settings | overrides))
+
+
+async def answers(server: RunningServer) -> list[str]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+
+        async def one(model: str, prompt: str) -> str:
+            body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+            r = await client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        return await asyncio.gather(*(one(m, p) for m in MODELS for p in PROMPTS))
+
+
+def test_graphs_and_paged_attention_on_cuda_answer_as_peft_does(demo_dir, tmp_path):
+    base, adapters = demo_dir
+    with RunningServer(gpu_config(demo_dir, tmp_path / "graphs")) as server:
+        runner = server.runtime.runner
+        assert runner.paged and runner.graphs is not None and runner.graphs.graphs
+        replays = []
+        real = runner.graphs.run
+        runner.graphs.run = lambda seqs, slots: replays.append(len(seqs)) or real(seqs, slots)
+        got = asyncio.run(answers(server))
+    assert replays, "no decode step replayed a graph"
+    for i, model in enumerate(MODELS):
+        want = peft_greedy(base, adapters.get(model), PROMPTS, MAX_TOKENS, device="cuda")
+        ours = got[i * len(PROMPTS) : (i + 1) * len(PROMPTS)]
+        assert ours == want, f"{model}: ours {ours} != PEFT {want}"
+    with RunningServer(gpu_config(demo_dir, tmp_path / "eager", enforce_eager=True)) as server:
+        assert server.runtime.runner.graphs is None
+        assert asyncio.run(answers(server)) == got
+
+
+def test_kv_cache_is_sized_from_free_device_memory(demo_dir, tmp_path):
+    import gc
+
+    gc.collect()  # other tests' runtimes: their caches are not this one's to count
+    torch.cuda.empty_cache()
+    config = gpu_config(demo_dir, tmp_path, gpu_memory_utilization=0.5, kv_cache_tokens=None)
+    server = RunningServer(config)
+    runner = server.runtime.runner
+    total = torch.cuda.get_device_properties(0).total_memory
+    cache = runner.kv_blocks * runner.kv_block_bytes
+    # A tiny model leaves nearly all of half the card to the cache, and never more.
+    assert 0.3 * total < cache < 0.5 * total, (cache, total)
+    assert server.runtime.engine.max_seq_len == min(
+        runner.model.config.max_position_embeddings, runner.max_seq_len
+    )
