@@ -75,6 +75,5 @@ def test_kv_cache_is_sized_from_free_device_memory(demo_dir, tmp_path):
     cache = runner.kv_blocks * runner.kv_block_bytes
     # A tiny model leaves nearly all of half the card to the cache, and never more.
     assert 0.3 * total < cache < 0.5 * total, (cache, total)
-    assert server.runtime.engine.max_seq_len == min(
-        runner.model.config.max_position_embeddings, runner.max_seq_len
-    )
+    # So large a cache leaves the model's own limit as the longest sequence.
+    assert server.runtime.engine.max_seq_len == runner.model.config.max_position_embeddings
