@@ -77,3 +77,14 @@ def test_kv_cache_is_sized_from_free_device_memory(demo_dir, tmp_path):
     assert 0.3 * total < cache < 0.5 * total, (cache, total)
     # So large a cache leaves the model's own limit as the longest sequence.
     assert server.runtime.engine.max_seq_len == runner.model.config.max_position_embeddings
+
+
+def test_host_copies_are_pinned_and_slots_filled_asynchronously(demo_dir, tmp_path):
+    with RunningServer(gpu_config(demo_dir, tmp_path)) as server:
+        entries = server.runtime.adapters.registered()
+        assert entries and all(
+            m.a.is_pinned() and m.b.is_pinned()
+            for e in entries
+            if e.weights is not None
+            for m in e.weights.modules.values()
+        )

@@ -74,6 +74,7 @@ class Runtime:
             config.max_cpu_adapters,
             config.max_lora_rank,
             on_change=self._wake,
+            pin_memory=self.runner.device.type == "cuda",
         )
         self.engine = Engine(
             config, self.runner, self.tokenizer, self.adapters, self.metrics, self.base_name

@@ -32,8 +32,10 @@ class HostTier:
         lock: threading.RLock,
         max_cpu_adapters: int,
         on_change: Callable[[], None],
+        pin_memory: bool = False,
     ) -> None:
         self.lock = lock
+        self.pin_memory = pin_memory  # host copies page-locked, for async copies to a GPU
         self.max_cpu_adapters = max_cpu_adapters
         self.on_change = on_change  # wakes the engine: a copy is ready to be placed
         self.copies: OrderedDict[int, AdapterEntry] = OrderedDict()  # uid -> entry, LRU first
@@ -95,6 +97,8 @@ class HostTier:
                     f"loaded {entry.sha256}); PUT the adapter again"
                 )
             weights = read_peft_adapter(entry.local_dir)
+            if self.pin_memory:
+                weights.pin()
         except (AdapterFormatError, OSError) as e:
             log.error(
                 "adapter %s could not be read back from %s: %s", entry.name, entry.local_dir, e

@@ -39,6 +39,7 @@ class AdapterManager:
         max_cpu_adapters: int,
         max_rank: int,
         on_change: Callable[[], None] = lambda: None,
+        pin_memory: bool = False,
     ) -> None:
         self.fetcher = fetcher
         self.facts = facts
@@ -50,7 +51,7 @@ class AdapterManager:
         self.loading: dict[str, Loading] = {}
         self.closing = False
         self.max_adapters = max_adapters  # LoRA slots: pinning must leave one unpinned
-        self.host = HostTier(self.lock, max_cpu_adapters, on_change)
+        self.host = HostTier(self.lock, max_cpu_adapters, on_change, pin_memory)
 
     # -- registry (HTTP threads) --------------------------------------------------------------
 
@@ -164,6 +165,8 @@ class AdapterManager:
             )
         try:
             weights = read_peft_adapter(local)
+            if self.host.pin_memory:
+                weights.pin()
         except AdapterFormatError as e:
             self.fetcher.forget(local)
             raise InvalidAdapter(

@@ -91,8 +91,10 @@ class LoraLinear(nn.Module):
         if module is None:
             return  # rank 0: the kernels skip this slot here
         r = module.rank
-        self.lora_a[slot, :r].copy_(module.a)
-        self.lora_b[slot, :, :r].copy_(module.b)
+        # Asynchronous from a pinned host copy (AdapterWeights.pin): stream-ordered before
+        # the next forward, and torch keeps the host memory until the copy is done.
+        self.lora_a[slot, :r].copy_(module.a, non_blocking=True)
+        self.lora_b[slot, :, :r].copy_(module.b, non_blocking=True)
         self.ranks[slot] = r
         self.scales[slot] = module.scaling
 

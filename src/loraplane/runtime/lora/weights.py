@@ -32,3 +32,12 @@ class AdapterWeights:
     target_modules: set[str] = field(default_factory=set)  # short names, e.g. {"q_proj"}
     size_bytes: int = 0
     base_model_name_or_path: str | None = None
+
+    def pin(self) -> AdapterWeights:
+        """This adapter in page-locked host memory: its copies into a GPU slot then run
+        asynchronously (non_blocking), beside the forward, instead of stalling the step.
+        Done once, where the host copy is read, never on the engine thread."""
+        for module in self.modules.values():
+            module.a = module.a.contiguous().pin_memory()
+            module.b = module.b.contiguous().pin_memory()
+        return self
