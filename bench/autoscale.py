@@ -17,16 +17,10 @@ minReplicas 1) and `dedicated-zero` (one per model, minReplicas 0, scale to zero
 
 from __future__ import annotations
 
-import sys
-
-# Run as a script, bench/ comes first on sys.path, where a bench/operator.py would shadow the
-# standard library's `operator` (argparse imports it). Nothing here imports from bench/.
-if sys.path and sys.path[0] and __file__.startswith(sys.path[0]):
-    del sys.path[0]
-
 import argparse
 import math
 import os
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor

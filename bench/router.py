@@ -18,22 +18,16 @@ instead of read by watches, the only difference), and a load generator (aiohttp 
 
 from __future__ import annotations
 
-import os
-import sys
-
-# Run as `python bench/router.py`, this file's folder is first on sys.path, where
-# bench/operator.py would shadow the standard library's `operator`: take the folder off first.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 import argparse
 import asyncio
 import json
+import os
 import platform
 import signal
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime

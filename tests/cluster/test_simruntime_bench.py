@@ -1,4 +1,4 @@
-"""bench/operator.py end to end at smoke size: the operator, kwok pods and the simulated
+"""bench/operator_scale.py end to end at smoke size: the operator, kwok pods and the simulated
 runtime converge, and a new adapter reaches every replica."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_operator_bench_smoke_run_converges(kube: Kube) -> None:
     if kube.local is None:
         pytest.skip("the bench runs kwok and the simulated runtime on the local control plane")
-    argv = [sys.executable, str(REPO / "bench" / "operator.py")]
+    argv = [sys.executable, str(REPO / "bench" / "operator_scale.py")]
     argv += ["--replicas=10", "--adapters=20", "--new=3", "--window=5", "--timeout=300"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -7,8 +7,8 @@ replicas), then --new more adapters one at a time from create to Ready on every 
 the operator's CPU and memory at steady state. Prints a table; --record appends it to
 docs/benchmarks.md.
 
-    python bench/operator.py                                  # 200 x 1,000, 20 new
-    python bench/operator.py --replicas 20 --adapters 50 --new 5   # smoke, ~1 min
+    python bench/operator_scale.py                                  # 200 x 1,000, 20 new
+    python bench/operator_scale.py --replicas 20 --adapters 50 --new 5   # smoke, ~1 min
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as `python bench/operator.py`, this file's folder is first on sys.path and the file would
+# Run as `python bench/operator_scale.py`, this file's folder is first on sys.path and the file would
 # shadow the standard library's `operator` (argparse imports it): take the folder off first.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     del sys.path[0]
@@ -345,7 +345,7 @@ def record(res: Result, command: str) -> None:
     if "## Operator at scale" not in text:
         text += (
             "\n## Operator at scale (kwok + simulated runtime)\n\n"
-            "`bench/operator.py`: the local control plane, kwok GPU nodes, e2e/simruntime "
+            "`bench/operator_scale.py`: the local control plane, kwok GPU nodes, e2e/simruntime "
             "answering each kwok pod on its IP, and the operator as a local process. Converged "
             "means every LoraAdapter Ready with loadedReplicas == replicas; a new adapter is "
             "timed from its create call to that state, by watch.\n"
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600.0, help="per phase, s")
     p.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
     args = p.parse_args(argv)
-    command = "python bench/operator.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python bench/operator_scale.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     out = REPO / ".cache" / "bench-operator" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     with session_cluster() as kube:
