@@ -192,3 +192,27 @@ def test_kv_cache_sizing_from_device_memory():
         total=gib, free=0, reserved=gib, peak=gib, utilization=0.5, block_bytes=1, reserve=0
     )
     assert none == 0
+
+
+def test_cache_metrics_follow_the_block_manager():
+    from prometheus_client import generate_latest
+
+    from loraplane.runtime.metrics import Metrics
+    from loraplane.runtime.tally import Tally
+
+    metrics = Metrics()
+    tally = Tally(metrics, "base")
+    blocks = BlockManager(8, 4)
+    first = seq(list(range(9)))
+    blocks.allocate(first)
+    first.num_cached = 9
+    blocks.commit(first)
+    second = seq(list(range(10)))
+    blocks.allocate(second)  # 8 of its 10 tokens cached
+    tally.cache(blocks, preemptions=2)
+    tally.cache(blocks, preemptions=3)  # counters move by what changed, not by totals again
+    text = generate_latest(metrics.registry).decode()
+    assert "loraplane_kv_cache_usage_ratio 0.5" in text  # 3 + 1 of 8 blocks held
+    assert "loraplane_prefix_cache_queried_tokens_total 19.0" in text
+    assert "loraplane_prefix_cache_hit_tokens_total 8.0" in text
+    assert "loraplane_preemptions_total 3.0" in text

@@ -255,6 +255,7 @@ class Engine:
             tokens, logprobs = self._run_alone(step)
         for seq in step.seqs:
             self.blocks.commit(seq)  # its newly computed full blocks, for later prompts
+        self.tally.cache(self.blocks, self.scheduler.preemptions)
         now = time.monotonic()
         for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
             if seq.finished:

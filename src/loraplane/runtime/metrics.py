@@ -63,6 +63,27 @@ class Metrics:
             registry=r,
         )
 
+        self.kv_usage = Gauge(
+            "loraplane_kv_cache_usage_ratio",
+            "KV-cache blocks held by sequences, of all blocks",
+            registry=r,
+        )
+        self.prefix_queries = Counter(
+            "loraplane_prefix_cache_queried_tokens",
+            "Prompt tokens looked up in the prefix cache at admission",
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "loraplane_prefix_cache_hit_tokens",
+            "Prompt tokens found in the prefix cache (not computed again)",
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "loraplane_preemptions",
+            "Running sequences preempted for KV blocks, to be recomputed",
+            registry=r,
+        )
+
     def render(self, tiers: dict[str, int]) -> bytes:
         for tier, count in tiers.items():
             self.adapters.labels(tier=tier).set(count)

@@ -87,7 +87,8 @@ class Scheduler:
         self.max_running = max_running
         self.waiting: OrderedDict[str, deque[Sequence]] = OrderedDict()  # adapter -> FIFO
         self.running: list[Sequence] = []
-        self.handing_over: set[int] = set()  # uids of slot holders admitting nothing new
+        self.handing_over: set[int] = set()
+        self.preemptions = 0  # uids of slot holders admitting nothing new
 
     @property
     def num_waiting(self) -> int:
@@ -181,6 +182,7 @@ class Scheduler:
         self.running = kept
 
     def _preempt(self, seq: Sequence) -> None:
+        self.preemptions += 1
         self.blocks.deallocate(seq)
         self.add(seq, front=True)
 

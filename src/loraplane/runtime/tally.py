@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
+from loraplane.runtime.block_manager import BlockManager
 from loraplane.runtime.metrics import Metrics
 from loraplane.runtime.sequence import Sequence
 
@@ -26,6 +27,7 @@ class Tally:
         self.steps = 0
         # Most distinct adapters (base included) that shared one forward pass: proof of mixing.
         self.peak_adapters_per_step = 0
+        self.seen = {"queries": 0, "hits": 0, "preemptions": 0}  # counted by cache()
 
     def label(self, seq: Sequence) -> str:
         return seq.adapter.name if seq.adapter is not None else self.base_name
@@ -71,6 +73,15 @@ class Tally:
     def gauges(self) -> None:
         self.metrics.queue_depth.set(self.queued)
         self.metrics.in_flight.set(self.in_flight)
+
+    def cache(self, blocks: BlockManager, preemptions: int) -> None:
+        """The KV cache's gauges, and its counters moved on to the block manager's totals."""
+        m = self.metrics
+        m.kv_usage.set(1 - blocks.num_free / blocks.num_blocks)
+        m.prefix_queries.inc(blocks.queries - self.seen["queries"])
+        m.prefix_hits.inc(blocks.hits - self.seen["hits"])
+        m.preemptions.inc(preemptions - self.seen["preemptions"])
+        self.seen = {"queries": blocks.queries, "hits": blocks.hits, "preemptions": preemptions}
 
     def idle(self) -> bool:
         with self.lock:
