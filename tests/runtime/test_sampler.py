@@ -69,9 +69,10 @@ def test_a_non_finite_row_fails_alone():
     broken[5] = float("nan")
     broken[6, 0] = float("inf")
     broken[1, 3] = float("inf")
+    broken[4] = NEG_INF  # no token left to draw
     tokens, logprobs = Sampler()(broken, list(range(8)), params)
     for i in range(8):
-        if i in (1, 2, 5, 6):
+        if i in (1, 2, 4, 5, 6):
             assert tokens[i] == FAILED and math.isnan(logprobs[i])
         else:  # same draws as without the broken rows: seeded, and the shared stream is too
             assert (tokens[i], logprobs[i]) == (want[0][i], want[1][i])

@@ -47,8 +47,8 @@ class Sampler:
     ) -> tuple[list[int], list[float]]:
         """Next token of each row and its log-probability under the unmodified logits.
 
-        A row whose logits hold NaN or +inf gets token FAILED (and logprob NaN): only that
-        sequence fails, never the rows it shares the batch with.
+        A row whose logits hold NaN or +inf, or are all -inf, gets token FAILED (and logprob
+        NaN): only that sequence fails, never the rows it shares the batch with.
         """
         return read_back(self.choose(logits, seq_ids, params))
 
@@ -60,7 +60,10 @@ class Sampler:
         # logits: [seqs, vocab]
         assert logits.dim() == 2 and logits.shape[0] == len(seq_ids) == len(params)
         logits = logits.float()
-        broken = (logits.isnan() | (logits == float("inf"))).any(dim=-1)  # [seqs]
+        # NaN or +inf anywhere, or no finite logit at all (every token -inf): nothing to draw.
+        broken = (logits.isnan() | (logits == float("inf"))).any(dim=-1) | (
+            logits == float("-inf")
+        ).all(dim=-1)  # [seqs]
         # Zeroed before any batched op, so no NaN or inf of a broken row can reach the others.
         logits = logits.masked_fill(broken[:, None], 0.0)
         tokens = logits.argmax(dim=-1)  # [seqs]
