@@ -142,6 +142,8 @@ REJECTED = [
     ),
     (bmd(replicas=1.5), "spec.replicas"),
     (bmd(maxBatchTokens=10**9), "spec.maxBatchTokens"),
+    (bmd(maxModelLen=8), "spec.maxModelLen"),
+    (bmd(gpuMemoryUtilizationPercent=101), "spec.gpuMemoryUtilizationPercent"),
     (lora(source="pvc://claim/a", secretRef={"name": "creds"}), "secretRef is only used by"),
     (lora(source="hf://org/a", unknownField=1), "spec.unknownField"),
     (lora("x" * 64), "metadata.name"),

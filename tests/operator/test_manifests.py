@@ -37,6 +37,20 @@ def test_the_runtime_command_carries_every_sizing_knob() -> None:
     assert (flag(args, "--max-lora-rank"), flag(args, "--max-num-batched-tokens")) == ("32", "4096")
     assert flag(args, "--served-model-name") == "mistral"
     assert "$(POD_NAME)" in flag(args, "--cache-dir")
+    assert flag(args, "--gpu-memory-utilization") == "0.9" and "--max-model-len" not in args
+    sized = manifests.runtime_args(bmd(maxModelLen=32768, gpuMemoryUtilizationPercent=85), CONFIG)
+    assert flag(sized, "--max-model-len") == "32768"
+    assert flag(sized, "--gpu-memory-utilization") == "0.85"
+
+
+def test_every_runtime_flag_the_operator_passes_is_one_the_runtime_takes() -> None:
+    from loraplane.runtime.__main__ import _parser
+
+    b = bmd(maxModelLen=4096, gpuMemoryUtilizationPercent=80)
+    args = manifests.runtime_args(b, CONFIG)[len(CONFIG.runtime_command) :]
+    parsed = _parser({}).parse_args([a.replace("$(POD_IP)", "10.0.0.1") for a in args])
+    assert (parsed.max_model_len, parsed.gpu_memory_utilization) == (4096, 0.8)
+    assert parsed.max_num_batched_tokens == b.spec.max_batch_tokens
 
 
 def test_cpu_replicas_run_float32_without_a_gpu_limit() -> None:

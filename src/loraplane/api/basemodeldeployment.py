@@ -139,7 +139,11 @@ class BaseModelDeploymentSpec(K8sModel):
     max_lora_rank: int = Field(default=64, ge=1, le=256)
     """Largest LoRA rank an adapter may have; it sizes the GPU slot buffers. Adapters above it are rejected as incompatible."""
     max_batch_tokens: int = Field(default=8192, ge=64, le=1048576)
-    """Most tokens (prefill and decode, all adapters) in one batch step."""
+    """Most tokens (prefill and decode, all adapters) in one batch step; longer prompts are prefilled in chunks. It does not size the KV cache."""
+    max_model_len: int | None = Field(default=None, ge=16, le=1048576)
+    """Longest sequence (prompt plus max_tokens) a request may ask for; longer ones get a 400. Unset: the model's own limit, within the KV cache."""
+    gpu_memory_utilization_percent: int = Field(default=90, ge=10, le=100)
+    """Share of each GPU's memory the runtime takes for weights, activations and the KV cache; the KV cache gets what the rest leaves."""
     replicas: int = Field(default=1, ge=0, le=MAX_REPLICAS)
     """Replicas while autoscaling is off; `kubectl scale` sets it. Ignored while autoscaling.enabled is true."""
     autoscaling: AutoscalingSpec | None = None

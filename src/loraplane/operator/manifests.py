@@ -85,6 +85,7 @@ def runtime_args(bmd: BaseModelDeployment, config: OperatorConfig) -> list[str]:
     if spec.model.revision:
         model = f"{model}@{spec.model.revision}"
     gpus = spec.runtime.resources.gpus
+    limits = ["--max-model-len", str(spec.max_model_len)] if spec.max_model_len else []
     return [
         *config.runtime_command,
         "--model",
@@ -110,6 +111,9 @@ def runtime_args(bmd: BaseModelDeployment, config: OperatorConfig) -> list[str]:
         str(spec.max_lora_rank),
         "--max-num-batched-tokens",
         str(spec.max_batch_tokens),
+        "--gpu-memory-utilization",
+        f"{spec.gpu_memory_utilization_percent / 100:g}",
+        *limits,
         # Each pod its own cache: on a shared host (or a shared volume) two pods must never
         # write the same download directory.
         "--cache-dir",
