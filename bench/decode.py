@@ -7,6 +7,9 @@ own mixed-batch path (adapter_names=) in the same run.
     python bench/decode.py                 # GPU, bf16, B=64, N=1/8/32/64 rank-16 adapters
     python bench/decode.py --cpu --tiny    # proves the script on a CPU (Triton interpreter)
 
+Rows: "lora off" (our layers, no batch set), "plain model" (no LoRA layer injected at all),
+"no adapter" (a batch where no sequence has one), N=k (sequence i uses adapter i mod k).
+
 The engine is a plain decode loop over the HF model's own modules (norms, projections, MLP)
 with a static KV cache, captured whole in one CUDA graph; our LoRA layers are injected into
 the HF model. Nothing is downloaded: the model is built from a config with random weights.
@@ -78,6 +81,11 @@ def main() -> int:
     from decode_engine import Bench
 
     bench = Bench(args, PRESETS[preset], TARGETS, device, dtype)
+    print(
+        f"# attention: SDPA backend {bench.attention_backend()} in the timed step "
+        f"(no mask, GQA {bench.cfg.num_attention_heads}/{bench.cfg.num_key_value_heads}, "
+        f"{args.context + 1} keys)"
+    )
     ok = bench.check()
     results = bench.time_all()
     if not args.no_peft:

@@ -3,11 +3,17 @@
 A fixed list of requests (base and N adapters interleaved, prompts of varied length, a fixed
 number of new tokens each) goes to loraplane-runtime, started as its own process on
 127.0.0.1, from `--concurrency` concurrent clients; then to PEFT's own mixed-adapter batched
-generate (adapter_names=, left padding) in batches of the same size, in the same run. Prints
-generated tokens/s of each and the ratio.
+generate (adapter_names=, left padding) in batches of the same size, in the same run. Each
+side first serves the whole mix once untimed, so every shape is compiled, captured and
+allocated before the timed pass. Prints generated tokens/s of each and the ratio.
 
-    python bench/serve.py --cpu --tiny     # about a minute on a CPU
-    python bench/serve.py                  # GPU, bf16, a ~100M-parameter model, 8 adapters
+    python bench/serve.py --cpu --tiny                               # about a minute on a CPU
+    python bench/serve.py                                            # GPU, ~100M model, 8 adapters
+    python bench/serve.py --model llama3-8b-shaped --adapters 32     # GPU, 7B, 32 rank-16
+
+On a CPU both sides run with the same number of torch threads (--threads), and the load
+average is printed before and after each: other work on the machine moves the ratio more
+than anything measured here.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import asyncio
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,71 +31,35 @@ import tempfile
 import time
 from pathlib import Path
 
-SIZES = {
-    # model spec, adapters, requests, concurrency, new tokens
-    "tiny": (
-        {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-        },
-        4,
-        48,
-        16,
-        16,
-    ),
-    "small": (
-        {
-            "hidden_size": 1024,
-            "intermediate_size": 2816,
-            "num_hidden_layers": 8,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 8,
-            "max_position_embeddings": 2048,
-        },
-        8,
-        256,
-        64,
-        64,
-    ),
-}
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from serve_models import PRESETS, build
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="run both sides on the CPU in float32")
-    p.add_argument("--tiny", action="store_true", help="the tiny model (CI-friendly on a CPU)")
-    p.add_argument("--work-dir", type=Path, default=None, help="default: a temporary dir")
-    return p.parse_args()
+    p.add_argument("--tiny", action="store_true", help="= --model tiny (CI-friendly on a CPU)")
+    p.add_argument("--model", choices=sorted(PRESETS), help="default: small (tiny with --tiny)")
+    p.add_argument("--adapters", type=int, help="distinct adapters (default: the model's preset)")
+    p.add_argument("--requests", type=int, help="requests in the mix (default: the preset's)")
+    p.add_argument("--concurrency", type=int, help="clients / PEFT batch size (preset's)")
+    p.add_argument("--new-tokens", type=int, help="tokens generated per request (preset's)")
+    p.add_argument("--threads", type=int, help="torch threads on each side (CPU: half the cores)")
+    p.add_argument("--no-peft", action="store_true", help="time only the runtime")
+    p.add_argument("--work-dir", type=Path, default=None, help="default: a temporary dir, removed")
+    args = p.parse_args()
+    args.model = args.model or ("tiny" if args.tiny else "small")
+    preset = PRESETS[args.model]
+    if preset.on_gpu and args.cpu:
+        p.error(f"--model {args.model} is built on the GPU in bf16: drop --cpu")
+    for field in ("adapters", "requests", "concurrency", "new_tokens"):
+        if getattr(args, field) is None:
+            setattr(args, field, getattr(preset, field))
+    if args.threads is None and args.cpu:
+        args.threads = max(1, (os.cpu_count() or 2) // 2)
+    return args
 
 
-def build(work: Path, size: str):
-    from loraplane.testing.tiny import TinyAdapterSpec, TinyModelSpec, build_adapter, build_model
-
-    spec, n_adapters, *_ = SIZES[size]
-    base = work / f"base-{size}"
-    if not (base / "config.json").exists():
-        build_model(base, TinyModelSpec(**spec))
-    adapters = {}
-    for i in range(n_adapters):
-        path = work / f"adapter-{size}-{i}"
-        if not (path / "adapter_config.json").exists():
-            targets = TARGETS if i % 2 == 0 else ("q_proj", "v_proj")
-            build_adapter(
-                path,
-                base,
-                TinyAdapterSpec(
-                    r=16 if i % 2 == 0 else 8, lora_alpha=16, target_modules=targets, seed=100 + i
-                ),
-            )
-        adapters[f"a{i}"] = path
-    return base, adapters
-
-
-def workload(names: list[str], n: int, tokenizer) -> list[tuple[str | None, str]]:
+def workload(names: list[str], n: int) -> list[tuple[str | None, str]]:
     from loraplane.testing.tiny import CORPUS
 
     jobs = []
@@ -106,44 +77,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(base: Path, adapters: dict[str, Path], device: str, dtype: str, work: Path):
+def server_command(args, base: Path, adapters: dict[str, Path], work: Path, port: int) -> list:
+    cmd = [sys.executable, "-m", "loraplane.runtime", "--model", str(base)]
+    cmd += ["--served-model-name", "base", "--port", str(port)]
+    cmd += ["--device", "cpu" if args.cpu else "cuda"]
+    cmd += ["--dtype", "float32" if args.cpu else "bfloat16"]
+    cmd += ["--max-adapters", str(len(adapters)), "--max-lora-rank", "16"]
+    cmd += ["--max-batch-tokens", "16384", "--max-running", "256", "--max-queue", "4096"]
+    cmd += ["--cache-dir", str(work / "cache"), "--log-level", "warning"]
+    # Adapters are preloaded from the command line; nothing here uses the admin API.
+    cmd += ["--allow-unauthenticated-admin"]
+    for name, path in adapters.items():
+        cmd += ["--adapter", f"{name}={path}"]
+    return cmd
+
+
+def start_server(args, base: Path, adapters: dict[str, Path], work: Path):
     import httpx
 
     port = free_port()
-    args = [
-        sys.executable,
-        "-m",
-        "loraplane.runtime",
-        "--model",
-        str(base),
-        "--served-model-name",
-        "base",
-        "--port",
-        str(port),
-        "--device",
-        device,
-        "--dtype",
-        dtype,
-        "--max-adapters",
-        str(len(adapters)),
-        "--max-batch-tokens",
-        "16384",
-        "--max-running",
-        "256",
-        "--max-queue",
-        "4096",
-        "--cache-dir",
-        str(work / "cache"),
-        "--log-level",
-        "warning",
-        # Adapters are preloaded from the command line; nothing here uses the admin API.
-        "--allow-unauthenticated-admin",
-    ]
-    for name, path in adapters.items():
-        args += ["--adapter", f"{name}={path}"]
-    proc = subprocess.Popen(args)
+    env = dict(os.environ)
+    if args.threads:  # torch takes its intra-op thread count from these at start
+        env |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    proc = subprocess.Popen(server_command(args, base, adapters, work, port), env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the runtime exited with {proc.returncode}")
@@ -154,15 +112,16 @@ def start_server(base: Path, adapters: dict[str, Path], device: str, dtype: str,
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("the runtime was not ready in 300 s")
+    raise SystemExit("the runtime was not ready in 600 s")
 
 
 async def run_server(url: str, jobs, concurrency: int, new_tokens: int) -> tuple[int, float]:
+    """(tokens, seconds) of the timed pass, after an untimed pass of the same mix."""
     import httpx
 
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
 
         async def one(model: str | None, prompt: str) -> int:
             async with gate:
@@ -179,13 +138,13 @@ async def run_server(url: str, jobs, concurrency: int, new_tokens: int) -> tuple
                 r.raise_for_status()
                 return r.json()["usage"]["completion_tokens"]
 
-        await one(*jobs[0])  # warm-up
+        await asyncio.gather(*(one(m, p) for m, p in jobs))  # warm-up: every shape once
         start = time.perf_counter()
         counts = await asyncio.gather(*(one(m, p) for m, p in jobs))
         return sum(counts), time.perf_counter() - start
 
 
-def run_peft(base: Path, adapters, jobs, batch: int, new_tokens: int, device: str, dtype: str):
+def load_peft(base: Path, adapters: dict[str, Path], device: str, dtype: str):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -195,10 +154,17 @@ def run_peft(base: Path, adapters, jobs, batch: int, new_tokens: int, device: st
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch_dtype).to(device)
     names = list(adapters)
-    model = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0])
+    model = PeftModel.from_pretrained(
+        model, str(adapters[names[0]]), adapter_name=names[0], low_cpu_mem_usage=True
+    )
     for name in names[1:]:
-        model.load_adapter(str(adapters[name]), adapter_name=name)
-    model.eval()
+        model.load_adapter(str(adapters[name]), adapter_name=name, low_cpu_mem_usage=True)
+    return tok, model.to(device).eval()
+
+
+def run_peft(tok, model, jobs, batch: int, new_tokens: int, device: str) -> tuple[int, float]:
+    """(tokens, seconds) of the timed pass, after an untimed pass of the same mix."""
+    import torch
 
     def generate(chunk) -> int:
         enc = tok(
@@ -215,52 +181,86 @@ def run_peft(base: Path, adapters, jobs, batch: int, new_tokens: int, device: st
             )
         return (out.shape[1] - enc.input_ids.shape[1]) * len(chunk)
 
-    generate(jobs[:2])  # warm-up
+    def one_pass() -> int:
+        return sum(generate(jobs[i : i + batch]) for i in range(0, len(jobs), batch))
+
+    one_pass()  # warm-up: every batch shape once
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    tokens = sum(generate(jobs[i : i + batch]) for i in range(0, len(jobs), batch))
+    tokens = one_pass()
     if device == "cuda":
         torch.cuda.synchronize()
     return tokens, time.perf_counter() - start
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> int:
     args = parse_args()
     device = "cpu" if args.cpu else "cuda"
     dtype = "float32" if args.cpu else "bfloat16"
-    size = "tiny" if args.tiny else "small"
-    _, n_adapters, n_requests, concurrency, new_tokens = SIZES[size]
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --cpu --tiny to prove the script on a CPU")
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="loraplane-bench-serve-"))
+    if args.threads:
+        torch.set_num_threads(args.threads)  # PEFT's side; the server gets the same by env
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="loraplane-bench-serve-", dir=scratch()))
     work.mkdir(parents=True, exist_ok=True)
-    base, adapters = build(work, size)
-    jobs = workload(list(adapters), n_requests, None)
-    print(f"# bench/serve.py {size} on {device} ({dtype}), {platform.node()}")
-    print(
-        f"# {n_requests} requests, {n_adapters} adapters + base, concurrency {concurrency}, "
-        f"{new_tokens} new tokens each"
-    )
-    proc, url = start_server(base, adapters, device, dtype, work)
     try:
-        server_tokens, server_s = asyncio.run(run_server(url, jobs, concurrency, new_tokens))
+        return measure(args, work, device, dtype)
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def scratch() -> str | None:
+    # An 8B-shaped base is 14 GB: on a machine with the RAM, tmpfs writes it in seconds.
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and shutil.disk_usage(shm).free > 40 * 2**30 else None
+
+
+def measure(args, work: Path, device: str, dtype: str) -> int:
+    t0 = time.perf_counter()
+    base, adapters = build(work, args.model, args.adapters)
+    jobs = workload(list(adapters), args.requests)
+    print(f"# bench/serve.py {args.model} on {device} ({dtype}), {platform.node()}")
+    print(
+        f"# {args.requests} requests, {args.adapters} adapters + base, concurrency "
+        f"{args.concurrency}, {args.new_tokens} new tokens each; every side serves the mix "
+        f"once untimed first; threads {args.threads or 'torch default'}; built in "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+    print(f"# load average before the runtime: {loadavg()}  ({os.cpu_count()} CPUs)")
+    t0 = time.perf_counter()
+    proc, url = start_server(args, base, adapters, work)
+    ready = time.perf_counter() - t0
+    try:
+        ours = asyncio.run(run_server(url, jobs, args.concurrency, args.new_tokens))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    peft_tokens, peft_s = run_peft(base, adapters, jobs, concurrency, new_tokens, device, dtype)
-    ours, theirs = server_tokens / server_s, peft_tokens / peft_s
+    print(f"# load average after the runtime: {loadavg()}")
     print(
-        f"loraplane-runtime over HTTP: {server_tokens} tokens in {server_s:.2f} s = "
-        f"{ours:.1f} tokens/s"
+        f"loraplane-runtime over HTTP: {ours[0]} tokens in {ours[1]:.2f} s = "
+        f"{ours[0] / ours[1]:.1f} tokens/s  (ready in {ready:.0f} s)"
     )
+    if args.no_peft:
+        return 0
+    t0 = time.perf_counter()
+    tok, model = load_peft(base, adapters, device, dtype)
+    loaded = time.perf_counter() - t0
+    print(f"# load average before PEFT: {loadavg()}")
+    theirs = run_peft(tok, model, jobs, args.concurrency, args.new_tokens, device)
+    print(f"# load average after PEFT: {loadavg()}")
     print(
-        f"PEFT generate (mixed batches of {concurrency}): {peft_tokens} tokens in "
-        f"{peft_s:.2f} s = {theirs:.1f} tokens/s"
+        f"PEFT generate (mixed batches of {args.concurrency}): {theirs[0]} tokens in "
+        f"{theirs[1]:.2f} s = {theirs[0] / theirs[1]:.1f} tokens/s  (loaded in {loaded:.0f} s)"
     )
-    print(f"ratio runtime / PEFT: {ours / theirs:.2f}x")
+    print(f"ratio runtime / PEFT: {ours[0] / ours[1] / (theirs[0] / theirs[1]):.2f}x")
     return 0
 
 
