@@ -75,13 +75,13 @@ def arch_model_dir(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def step_gate(monkeypatch: pytest.MonkeyPatch):
-    """gate(runner) puts a closed StepGate in front of runner.run; every gate opens at the end,
+    """gate(runner) puts a closed StepGate in front of runner.launch; every gate opens at the end,
     so an engine thread never stays blocked in a step after its test."""
     gates: list[StepGate] = []
 
     def gate(runner) -> StepGate:
-        made = StepGate(runner.run)
-        monkeypatch.setattr(runner, "run", made.run)
+        made = StepGate(runner.launch)
+        monkeypatch.setattr(runner, "launch", made.launch)
         gates.append(made)
         return made
 

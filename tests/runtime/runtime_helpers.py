@@ -71,14 +71,14 @@ def wait_for(predicate: Callable[[], object], what: str, timeout_s: float = 60) 
 
 
 class StepGate:
-    """Stands in for ModelRunner.run: each engine step waits until the test lets it through.
+    """Stands in for ModelRunner.launch: each engine step waits until the test lets it through.
 
     A test decides how far the engine gets instead of slowing every step with a sleep and
     hoping a request lasts long enough; the real forward still runs, so outputs do not change.
     """
 
-    def __init__(self, real_run: Callable, timeout_s: float = 60) -> None:
-        self.real_run = real_run
+    def __init__(self, real_launch: Callable, timeout_s: float = 60) -> None:
+        self.real_launch = real_launch
         self.timeout_s = timeout_s
         self.cond = threading.Condition()
         self.allowed = 0  # steps the test has let through
@@ -86,7 +86,7 @@ class StepGate:
         self.taken = 0  # steps started
         self.done = 0  # steps finished
 
-    def run(self, seqs, lora_slots, chunks=None):
+    def launch(self, seqs, lora_slots, chunks=None):
         with self.cond:
             if not self.cond.wait_for(
                 lambda: self.is_open or self.taken < self.allowed, self.timeout_s
@@ -94,7 +94,7 @@ class StepGate:
                 raise RuntimeError(f"StepGate: no test let this step through in {self.timeout_s} s")
             self.taken += 1
         try:
-            return self.real_run(seqs, lora_slots, chunks)
+            return self.real_launch(seqs, lora_slots, chunks)
         finally:
             with self.cond:
                 self.done += 1

@@ -101,7 +101,7 @@ def test_stale_nan_in_free_kv_blocks_and_slots_reaches_no_request(server, demo_d
 
 def test_a_request_that_breaks_the_forward_fails_alone(server, oracle, monkeypatch):
     engine, runner = server.runtime.engine, server.runtime.runner
-    real_run = runner.run
+    real_launch = runner.launch
     gate = threading.Event()
     batches: list[list[int]] = []
     poison = [7, 7, 7, 7, 7]
@@ -112,9 +112,9 @@ def test_a_request_that_breaks_the_forward_fails_alone(server, oracle, monkeypat
         batches.append([len(s.prompt_ids) for s in seqs])
         if any(s.prompt_ids == poison for s in seqs):
             raise RuntimeError("simulated kernel failure on one sequence")
-        return real_run(seqs, slots, chunks)
+        return real_launch(seqs, slots, chunks)
 
-    monkeypatch.setattr(runner, "run", run)
+    monkeypatch.setattr(runner, "launch", run)
 
     async def scenario():
         async with httpx.AsyncClient(timeout=60) as client:

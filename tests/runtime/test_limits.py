@@ -186,16 +186,16 @@ async def test_full_queue_answers_429_and_serves_the_rest(server):
 
 def test_a_failed_engine_step_fails_its_requests_and_the_server_goes_on(server, monkeypatch):
     runner = server.runtime.runner
-    real_run = runner.run
+    real_launch = runner.launch
     calls = []
 
     def broken_twice(seqs, slots, chunks=None):
         calls.append(len(seqs))
         if len(calls) <= 2:  # the step, then the sequence on its own: it is the culprit
             raise RuntimeError("simulated device error")
-        return real_run(seqs, slots, chunks)
+        return real_launch(seqs, slots, chunks)
 
-    monkeypatch.setattr(runner, "run", broken_twice)
+    monkeypatch.setattr(runner, "launch", broken_twice)
     body = {"model": "poet", "prompt": "hello", "max_tokens": 3, "temperature": 0}
     r = httpx.post(f"{server.url}/v1/completions", json=body)
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text

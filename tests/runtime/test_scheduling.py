@@ -216,3 +216,49 @@ def test_cache_metrics_follow_the_block_manager():
     assert "loraplane_prefix_cache_queried_tokens_total 19.0" in text
     assert "loraplane_prefix_cache_hit_tokens_total 8.0" in text
     assert "loraplane_preemptions_total 3.0" in text
+
+
+def test_a_steps_tokens_are_streamed_while_the_next_step_runs(demo_dir, tmp_path, monkeypatch):
+    """Launch, then emit the previous step's tokens, then wait: the host's text work overlaps
+    the device's. A stop string found a step late drops the token computed meanwhile."""
+    import httpx
+    from runtime_helpers import RunningServer, make_config
+
+    base, adapters = demo_dir
+    config = make_config(base, tmp_path, adapters={"poet": str(adapters["poet"])})
+    with RunningServer(config) as server:
+        engine, runner = server.runtime.engine, server.runtime.runner
+        events: list[str] = []
+        real_launch, real_emit = runner.launch, engine.post.emit
+
+        def launch(seqs, slots, chunks=None):
+            events.append("launch")
+            return real_launch(seqs, slots, chunks)
+
+        def emit(seq, eos, reason):
+            events.append("emit")
+            return real_emit(seq, eos, reason)
+
+        monkeypatch.setattr(runner, "launch", launch)
+        monkeypatch.setattr(engine.post, "emit", emit)
+        body = {"model": "poet", "prompt": "hello", "max_tokens": 3, "ignore_eos": True}
+        done = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+        assert done["usage"]["completion_tokens"] == 3
+        assert events == ["launch", "launch", "emit", "launch", "emit", "emit"]
+    # A stop string completed by token k: the token computed while it was found is dropped.
+    with RunningServer(make_config(base, tmp_path / "stop")) as server:
+        gen = {"inputs": "hello", "parameters": {"max_new_tokens": 8, "details": True}}
+        r = httpx.post(f"{server.url}/generate", json=gen, timeout=60).json()
+        pieces = [t["text"] for t in r["details"]["tokens"]]
+        k = next(
+            i
+            for i in range(1, len(pieces))
+            if pieces[i].strip() and pieces[i] not in "".join(pieces[:i])
+        )
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 8, "temperature": 0}
+        cut = httpx.post(
+            f"{server.url}/v1/completions", json=dict(body, stop=[pieces[k]]), timeout=60
+        ).json()
+    assert cut["choices"][0]["text"] == "".join(pieces[:k])
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["usage"]["completion_tokens"] == k + 1

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from loraplane.runtime.adapters.manager import AdapterEntry, AdapterManager
@@ -42,6 +43,17 @@ from loraplane.runtime.tally import Tally
 log = logging.getLogger(__name__)
 
 __all__ = ["Engine", "Output", "QueueFull", "RequestStream", "ShuttingDown"]
+
+
+@dataclass
+class Accepted:
+    """A token taken into its sequence, to be turned into text and streamed (PostProcessor)."""
+
+    seq: Sequence
+    token: int
+    logprob: float
+    eos: bool
+    reason: str | None  # "stop" (EOS) or "length" when the token finishes the sequence
 
 
 class Engine:
@@ -74,6 +86,7 @@ class Engine:
             config.max_running,
         )
         self.streams: dict[int, RequestStream] = {}
+        self.unsent: list[Accepted] = []  # tokens taken from the device, not streamed yet
         self.inbox: deque[tuple[str, Sequence]] = deque()
         self.wake = threading.Condition()
         self.shutting_down = False  # under tally.lock: admission reads it with the counters
@@ -164,7 +177,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.wake:
-                if not self.inbox and not self.scheduler.has_work() and not self.stopped:
+                idle = not (self.inbox or self.unsent or self.scheduler.has_work())
+                if idle and not self.stopped:
                     self.wake.wait(timeout=0.5)
                 if self.stopped:
                     break
@@ -175,6 +189,7 @@ class Engine:
             except Exception:
                 log.exception("engine step failed; failing the requests of this step")
                 self._fail_running("internal error in the engine step")
+        self._emit()
         for seq in self._all_seqs():
             self._finish(seq, "abort")
 
@@ -202,7 +217,9 @@ class Engine:
             self._fail_adapter(seq)
         if step.seqs:
             self._run(step)
-        elif self.scheduler.has_work() and not step.loads:
+            return
+        self._emit()
+        if self.scheduler.has_work() and not step.loads:
             with self.wake:  # every waiting adapter is being read back: wait for it
                 self.wake.wait(timeout=0.05)
 
@@ -248,27 +265,37 @@ class Engine:
     def _run(self, step: Step) -> None:
         self.tally.step(step)
         sampled = [s for s, last in zip(step.seqs, step.samples, strict=True) if last]
+        pending = None
         try:
-            tokens, logprobs = self.runner.run(step.seqs, step.lora_slots, step.chunks)
+            pending = self.runner.launch(step.seqs, step.lora_slots, step.chunks)
+        except Exception:
+            log.exception("a step of %d sequences failed; running them one by one", len(step.seqs))
+        # The previous step's tokens become text and reach their streams while the device
+        # runs this one; a stop string found now ends a sequence whose token this step drops.
+        self._emit()
+        try:
+            tokens, logprobs = pending.result() if pending else self._run_alone(step)
         except Exception:
             log.exception("a step of %d sequences failed; running them one by one", len(step.seqs))
             tokens, logprobs = self._run_alone(step)
         for seq in step.seqs:
             self.blocks.commit(seq)  # its newly computed full blocks, for later prompts
         self.tally.cache(self.blocks, self.scheduler.preemptions)
-        now = time.monotonic()
         for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
             if seq.finished:
-                continue
+                continue  # ended while the step ran: a stop string, an abort
             if token == FAILED:
                 self._finish(seq, "error", error=self._why_failed(seq))
                 continue
             try:
-                self._advance(seq, token, logprob, now)
+                eos, reason = self.post.accept(seq, token)
             except Exception:
                 log.exception("sequence %d failed after its step", seq.seq_id)
                 self._finish(seq, "error", error="internal error on this request")
-        self.tally.gauges()
+                continue
+            if reason is not None:
+                self.scheduler.remove(seq)  # done: never scheduled again, finished on emit
+            self.unsent.append(Accepted(seq, token, logprob, eos, reason))
 
     def _run_alone(self, step: Step) -> tuple[list[int], list[float]]:
         """Each sequence of a failed step in its own forward: only the culprit fails."""
@@ -276,30 +303,53 @@ class Engine:
         for seq, slot, chunk, last in zip(
             step.seqs, step.lora_slots, step.chunks, step.samples, strict=True
         ):
-            try:
-                out_tokens, out_logprobs = self.runner.run([seq], [slot], [chunk])
-            except Exception:
-                log.exception("sequence %d failed on its own", seq.seq_id)
+            if seq.finished:
                 out_tokens, out_logprobs = ([FAILED], [0.0]) if last else ([], [])
-                if not last:
-                    self._finish(seq, "error", error="internal error on this request")
+            else:
+                try:
+                    out_tokens, out_logprobs = self.runner.launch([seq], [slot], [chunk]).result()
+                except Exception:
+                    log.exception("sequence %d failed on its own", seq.seq_id)
+                    out_tokens, out_logprobs = ([FAILED], [0.0]) if last else ([], [])
+                    if not last:
+                        self._finish(seq, "error", error="internal error on this request")
             tokens += out_tokens
             logprobs += out_logprobs
         return tokens, logprobs
 
+    def _emit(self) -> None:
+        """Stream the accepted tokens not streamed yet, and finish what they finished."""
+        accepted, self.unsent = self.unsent, []
+        now = time.monotonic()
+        for a in accepted:
+            seq = a.seq
+            if seq.finished:
+                continue
+            try:
+                self.tally.token(seq, now)
+                step = self.post.emit(seq, a.eos, a.reason)
+                stream = self.streams.get(seq.seq_id)
+                if stream is not None and (step.text or not step.eos):
+                    token_id = None if step.eos else a.token
+                    stream.push(
+                        Output(
+                            step.text,
+                            token_id,
+                            a.logprob,
+                            completion_tokens=len(seq.output_ids),
+                        )
+                    )
+                if step.finish_reason is not None:
+                    self._finish(seq, step.finish_reason, eos=step.eos)
+            except Exception:
+                log.exception("sequence %d failed after its step", seq.seq_id)
+                self._finish(seq, "error", error="internal error on this request")
+        if accepted:
+            self.tally.gauges()
+
     def _why_failed(self, seq: Sequence) -> str:
         who = f"adapter {seq.adapter_key!r}" if seq.adapter is not None else "the base model"
         return f"{who} produced no valid next token for this request (non-finite logits)"
-
-    def _advance(self, seq: Sequence, token: int, logprob: float, now: float) -> None:
-        self.tally.token(seq, now)
-        step = self.post.advance(seq, token)
-        stream = self.streams.get(seq.seq_id)
-        if stream is not None and (step.text or not step.eos):
-            token_id = None if step.eos else token
-            stream.push(Output(step.text, token_id, logprob, completion_tokens=len(seq.output_ids)))
-        if step.finish_reason is not None:
-            self._finish(seq, step.finish_reason, eos=step.eos)
 
     def _finish(
         self,

@@ -13,7 +13,7 @@ from loraplane.runtime.cuda_graphs import DecodeGraphs, DecodeInputs, batch_buck
 from loraplane.runtime.lora import AdapterWeights, LoraWeightBank, inject_lora
 from loraplane.runtime.model import AttentionContext, CausalLM, load_model
 from loraplane.runtime.model.loader import TORCH_DTYPES
-from loraplane.runtime.sampler import Sampler
+from loraplane.runtime.sampler import Sampler, read_back
 from loraplane.runtime.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -174,14 +174,20 @@ class ModelRunner:
     def clear_adapter(self, lora_slot: int) -> None:
         self.lora.clear(lora_slot)
 
-    @torch.inference_mode()
     def run(
         self, seqs: list[Sequence], lora_slots: list[int], chunks: list[int] | None = None
     ) -> tuple[list[int], list[float]]:
-        """One forward over the next chunks[i] uncached tokens of each sequence (all of them
-        when chunks is None); the next token and its logprob of each sequence whose chunk
-        reaches its last token, in order. The others are mid-prompt: nothing is sampled for
-        them (a seeded request's generator must not move).
+        """launch(...).result(): one step, waited for."""
+        return self.launch(seqs, lora_slots, chunks).result()
+
+    @torch.inference_mode()
+    def launch(
+        self, seqs: list[Sequence], lora_slots: list[int], chunks: list[int] | None = None
+    ) -> PendingStep:
+        """Queue one forward over the next chunks[i] uncached tokens of each sequence (all of
+        them when chunks is None) and the sampling of each sequence whose chunk reaches its
+        last token. The others are mid-prompt: nothing is sampled for them (a seeded
+        request's generator must not move). On a GPU this returns while the step runs.
 
         lora_slots: each sequence's LoRA slot, -1 for the base model alone.
         """
@@ -230,13 +236,50 @@ class ModelRunner:
         logits: torch.Tensor,
         sampled: list[Sequence],
         chunks: list[int],
-    ) -> tuple[list[int], list[float]]:
+    ) -> PendingStep:
         # logits: [len(sampled), vocab]
-        out: tuple[list[int], list[float]] = ([], [])
+        choice = None
         if sampled:
-            out = self.sampler(logits, [s.seq_id for s in sampled], [s.params for s in sampled])
-        for seq, chunk in zip(seqs, chunks, strict=True):
-            seq.num_cached += chunk
+            choice = self.sampler.choose(
+                logits, [s.seq_id for s in sampled], [s.params for s in sampled]
+            )
+        return PendingStep(seqs, chunks, choice)
+
+
+class PendingStep:
+    """A step queued on the device: its tokens, once result() has waited for them.
+
+    The one device-to-host copy goes to page-locked memory without waiting, so the engine
+    thread can stream the previous step's tokens meanwhile; result() waits on an event (the
+    GIL is released while it does)."""
+
+    def __init__(
+        self, seqs: list[Sequence], chunks: list[int], choice: torch.Tensor | None
+    ) -> None:
+        self.seqs, self.chunks = seqs, chunks
+        self.host: torch.Tensor | None = None
+        self.done: torch.cuda.Event | None = None
+        if choice is not None:
+            if choice.device.type == "cuda":
+                self.host = torch.empty(choice.shape, dtype=choice.dtype, pin_memory=True)
+                self.host.copy_(choice, non_blocking=True)
+                self.done = torch.cuda.Event()
+                self.done.record()
+            else:
+                self.host = choice
+
+    def result(self) -> tuple[list[int], list[float]]:
+        """The next token and its logprob of each sampled sequence, in order."""
+        out: tuple[list[int], list[float]] = ([], [])
+        if self.host is not None:
+            if self.done is not None:
+                self.done.synchronize()
+            out = read_back(self.host)
+        # Only now is the step's k/v known to be in the cache. A sequence that finished
+        # meanwhile (its blocks gone) keeps its count at zero.
+        for seq, chunk in zip(self.seqs, self.chunks, strict=True):
+            if seq.block_table:
+                seq.num_cached += chunk
         return out
 
 
