@@ -18,6 +18,7 @@ how the padding and buffers are tested without a GPU.
 from __future__ import annotations
 
 import logging
+from array import array
 
 import torch
 
@@ -84,20 +85,31 @@ class DecodeInputs:
         """This step's rows, then padding up to bucket rows (one copy per buffer)."""
         n, bs = len(seqs), self.block_size
         assert n <= bucket <= self.max_batch, (n, bucket)
-        rows = self.host_rows
-        rows[:, n:bucket].zero_()
-        rows[2, n:bucket] = self.scratch_kv_index
-        rows[4, n:bucket] = -1
-        self.host_tables[:bucket].zero_()
-        for i, (seq, slot) in enumerate(zip(seqs, lora_slots, strict=True)):
-            pos = seq.num_cached  # the one uncached token
-            table = seq.block_table
-            rows[0, i] = seq.tokens[pos]
-            rows[1, i] = pos
-            rows[2, i] = table[pos // bs] * bs + pos % bs
-            rows[3, i] = pos + 1
-            rows[4, i] = slot
-            self.host_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        # Flat arrays viewed as tensors: per-element tensor writes, or torch.tensor of nested
+        # lists, cost more than the rest of a step's host work at 64 rows.
+        pad = bucket - n
+        positions = [s.num_cached for s in seqs]  # each sequence's one uncached token
+        tables = [s.block_table for s in seqs]
+        rows = array("q", [s.token_at(p) for s, p in zip(seqs, positions, strict=True)])
+        rows.extend([0] * pad)
+        rows.extend(positions)
+        rows.extend([0] * pad)
+        rows.extend([t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)])
+        rows.extend([self.scratch_kv_index] * pad)
+        rows.extend([p + 1 for p in positions])  # context lengths; a padding row's 0 reads nothing
+        rows.extend([0] * pad)
+        rows.extend(lora_slots)
+        rows.extend([-1] * pad)
+        self.host_rows[:, :bucket] = torch.frombuffer(rows, dtype=torch.long).view(5, bucket)
+        # Entries past a table's end are never read (its context length stops the kernel),
+        # and neither is any entry of a padding row: only the tables' own width is written.
+        width = max((len(t) for t in tables), default=0)
+        if width:
+            flat = array("i")
+            for t in tables:
+                flat.extend(t)
+                flat.extend([0] * (width - len(t)))
+            self.host_tables[:n, :width] = torch.frombuffer(flat, dtype=torch.int32).view(n, width)
         self._upload(bucket)
 
     def _upload(self, bucket: int) -> None:

@@ -45,6 +45,10 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < n else self.output_ids[position - n]
+
     def uncached_tokens(self, limit: int | None = None) -> list[int]:
         """The next tokens whose k/v are not in the cache yet, at most limit of them: one per
         decode, a chunk of the prompt in a chunked prefill, all of them after preemption."""
