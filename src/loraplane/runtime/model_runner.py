@@ -20,10 +20,17 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, config: RuntimeConfig, model_dir: Path) -> None:
+    def __init__(
+        self, config: RuntimeConfig, model_dir: Path | None, model: CausalLM | None = None
+    ) -> None:
+        """model: an already built model on config's device and dtype (benchmarks build
+        random-weight ones in place), instead of loading model_dir."""
         self.config = config
         self.device = torch.device(config.device)
-        self.model: CausalLM = load_model(model_dir, config.dtype, config.device)
+        if model is None:
+            assert model_dir is not None, "give a model directory or a model"
+            model = load_model(model_dir, config.dtype, config.device)
+        self.model: CausalLM = model
         mc = self.model.config
         targets = [t for t in config.lora_target_modules if self._has_linear(t)]
         self.lora: LoraWeightBank = inject_lora(
