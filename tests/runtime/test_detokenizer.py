@@ -95,3 +95,25 @@ def test_decoding_stays_linear_when_tokens_decode_to_nothing():
             detok.update(s, final=i == n)
         assert s.text.endswith("end")
         assert tok.work < 40 * n, (filler, tok.work)
+
+
+def test_the_rust_decode_shortcut_equals_transformers_decode(demo_dir):
+    import random
+
+    from transformers import AutoTokenizer
+
+    from loraplane.runtime.detokenizer import _fast_decode
+
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_dir[0]))
+    fast = _fast_decode(tokenizer)
+    assert fast is not None, "the test tokenizer should take the shortcut"
+    rng = random.Random(0)
+    special = list(tokenizer.all_special_ids)
+    for _ in range(300):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(0, 12))]
+        ids += rng.sample(special, k=min(len(special), rng.randrange(0, 2)))
+        rng.shuffle(ids)
+        assert fast(ids) == tokenizer.decode(ids, skip_special_tokens=True), ids
+    # A tokenizer that rewrites spaces keeps transformers' own decode.
+    tokenizer.clean_up_tokenization_spaces = True
+    assert _fast_decode(tokenizer) is None

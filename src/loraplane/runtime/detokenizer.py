@@ -10,6 +10,7 @@ string (text a client has received cannot be taken back when the stop string com
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from loraplane.runtime.sequence import Sequence
@@ -20,6 +21,10 @@ MAX_PENDING = 8  # no character needs more tokens than this (UTF-8 has at most 4
 class Detokenizer:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self.decode = _fast_decode(tokenizer) or self._hf_decode
+
+    def _hf_decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def update(self, seq: Sequence, final: bool) -> str:
         """Advance seq.text (the text streamed so far) by the newest token; return the delta."""
@@ -46,9 +51,8 @@ class Detokenizer:
 
     def _decode_window(self, seq: Sequence, final: bool) -> None:
         ids = seq.output_ids
-        decode = self.tokenizer.decode
-        before = decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
-        after = decode(ids[seq.prefix_offset :], skip_special_tokens=True)
+        before = self.decode(ids[seq.prefix_offset : seq.read_offset])
+        after = self.decode(ids[seq.prefix_offset :])
         # Tokens that decode to nothing (skipped special tokens) or to an endless run of
         # partial characters would grow the window forever: every step would decode all of
         # it, quadratic in the output. Past MAX_PENDING tokens the window moves on regardless.
@@ -56,6 +60,24 @@ class Detokenizer:
         if stuck or (len(after) > len(before) and (final or not after.endswith("\ufffd"))):
             seq.decoded += after[len(before) :]
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+
+
+def _fast_decode(tokenizer: Any) -> Callable[[list[int]], str] | None:
+    """The Rust tokenizer's own decode, when transformers' would add nothing to it.
+
+    transformers' decode converts its input, then calls this same function and, only when
+    clean_up_tokenization_spaces is set, rewrites spaces. Twice per token per sequence its
+    Python layers cost more than the decode itself."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "decode"):
+        return None
+    if getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+
+    def decode(ids: list[int]) -> str:
+        return str(backend.decode(ids, skip_special_tokens=True))
+
+    return decode
 
 
 def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:

@@ -28,6 +28,7 @@ from loraplane.runtime.outputs import (
     GENERATION_FAILED,
     SHUT_DOWN,
     InvalidRequest,
+    Outbox,
     Output,
     QueueFull,
     RequestStream,
@@ -87,6 +88,7 @@ class Engine:
         )
         self.streams: dict[int, RequestStream] = {}
         self.unsent: list[Accepted] = []  # tokens taken from the device, not streamed yet
+        self.outbox = Outbox()  # Outputs of this iteration, flushed to the streams at once
         self.inbox: deque[tuple[str, Sequence]] = deque()
         self.wake = threading.Condition()
         self.shutting_down = False  # under tally.lock: admission reads it with the counters
@@ -189,9 +191,11 @@ class Engine:
             except Exception:
                 log.exception("engine step failed; failing the requests of this step")
                 self._fail_running("internal error in the engine step")
+            self.outbox.flush()
         self._emit()
         for seq in self._all_seqs():
             self._finish(seq, "abort")
+        self.outbox.flush()
 
     def _all_seqs(self) -> list[Sequence]:
         waiting = [s for q in self.scheduler.waiting.values() for s in q]
@@ -296,6 +300,7 @@ class Engine:
             if reason is not None:
                 self.scheduler.remove(seq)  # done: never scheduled again, finished on emit
             self.unsent.append(Accepted(seq, token, logprob, eos, reason))
+        self.tally.gauges()
 
     def _run_alone(self, step: Step) -> tuple[list[int], list[float]]:
         """Each sequence of a failed step in its own forward: only the culprit fails."""
@@ -331,13 +336,14 @@ class Engine:
                 stream = self.streams.get(seq.seq_id)
                 if stream is not None and (step.text or not step.eos):
                     token_id = None if step.eos else a.token
-                    stream.push(
+                    self.outbox.put(
+                        stream,
                         Output(
                             step.text,
                             token_id,
                             a.logprob,
                             completion_tokens=len(seq.output_ids),
-                        )
+                        ),
                     )
                 if step.finish_reason is not None:
                     self._finish(seq, step.finish_reason, eos=step.eos)
@@ -346,6 +352,7 @@ class Engine:
                 self._finish(seq, "error", error="internal error on this request")
         if accepted:
             self.tally.gauges()
+        self.outbox.flush()  # before the wait for the device: these tokens are ready now
 
     def _why_failed(self, seq: Sequence) -> str:
         who = f"adapter {seq.adapter_key!r}" if seq.adapter is not None else "the base model"
@@ -371,7 +378,8 @@ class Engine:
         self.tally.finished(seq, reason, was_queued)
         stream = self.streams.pop(seq.seq_id, None)
         if stream is not None:
-            stream.push(
+            self.outbox.put(
+                stream,
                 Output(
                     "",
                     None,
@@ -383,7 +391,7 @@ class Engine:
                     completion_tokens=len(seq.output_ids),
                     error=error,
                     error_code=error_code if error else None,
-                )
+                ),
             )
         self.tally.gauges()
 

@@ -7,7 +7,7 @@ by HTTP threads (admission, readiness) and changed by the engine thread: under `
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loraplane.runtime.block_manager import BlockManager
 from loraplane.runtime.metrics import Metrics
@@ -28,6 +28,7 @@ class Tally:
         # Most distinct adapters (base included) that shared one forward pass: proof of mixing.
         self.peak_adapters_per_step = 0
         self.seen = {"queries": 0, "hits": 0, "preemptions": 0}  # counted by cache()
+        self.per_adapter: dict[str, tuple[Any, Any, Any]] = {}  # label -> metric children
 
     def label(self, seq: Sequence) -> str:
         return seq.adapter.name if seq.adapter is not None else self.base_name
@@ -53,14 +54,25 @@ class Tally:
         self.steps += 1
 
     def token(self, seq: Sequence, now: float) -> None:
+        # Per token, so the labelled children are looked up once per adapter: labels() costs
+        # more than the observation itself.
         label = self.label(seq)
+        children = self.per_adapter.get(label)
+        if children is None:
+            m = self.metrics
+            children = self.per_adapter[label] = (
+                m.ttft.labels(adapter=label),
+                m.tpot.labels(adapter=label),
+                m.generated.labels(adapter=label),
+            )
+        ttft, tpot, generated = children
         if seq.first_token_at is None:
             seq.first_token_at = now
-            self.metrics.ttft.labels(adapter=label).observe(now - seq.arrival)
+            ttft.observe(now - seq.arrival)
         elif seq.last_token_at is not None:
-            self.metrics.tpot.labels(adapter=label).observe(now - seq.last_token_at)
+            tpot.observe(now - seq.last_token_at)
         seq.last_token_at = now
-        self.metrics.generated.labels(adapter=label).inc()
+        generated.inc()
 
     def finished(self, seq: Sequence, reason: str, was_queued: bool) -> None:
         with self.lock:
