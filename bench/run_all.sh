@@ -3,7 +3,7 @@
 # timing, each step under its own time limit and in its own log.
 #   bench/run_all.sh --gpu [STEP...]   # the lent GPU machine, one call, ~6 min on an H200
 #   bench/run_all.sh --cpu [STEP...]   # tiny sizes on a CPU, Triton interpreter: proves the scripts
-# Steps, in order: probe gpu-tests engine decode kernels serve cuda-tests (all by default), and
+# Steps, in order: probe gpu-tests engine host decode kernels serve cuda-tests (all by default), and
 # serve-8b (the 7B-shaped serve against PEFT, ~5 min) only when named.
 #
 # Each step's stdout+stderr goes to $OUT/logs/STEP.log when OUT is set (the device tool
@@ -21,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
 shift || true
-steps=" probe gpu-tests cuda-tests kernels decode engine serve serve-8b "
+steps=" probe gpu-tests cuda-tests kernels decode engine host serve serve-8b "
 case "$mode" in
   --gpu) budget=${BENCH_BUDGET_S:-480} ;;
   --cpu) budget=${BENCH_BUDGET_S:-1500} ;;
@@ -104,6 +104,7 @@ probe_keys='^(#|##|python|host|torch |TRITON|GPU|driver|[0-9]|pid|device copy|ma
 test_keys='(passed|failed|error|skipped|deselected|^FAILED|^ERROR)'
 kernel_keys='^(#|check|base GEMM|rank|tile|  shrink|  expand| +[0-9]+ +[0-9]+ )'
 decode_keys='^(# attention|# device|# batch|check|configuration|lora off|plain model|no adapter|N=|peft|target)'
+host_keys='^(# |engine step|DecodeInputs)'
 engine_keys='^(# |check|configuration|plain|no adapter|[0-9]+ adapters?|target)'
 serve_keys='^(#|loraplane-runtime|PEFT|ratio)'
 cuda_tests=(tests/runtime/test_kernels.py tests/runtime/test_lora_peft.py tests/runtime/test_lora_slots.py)
@@ -116,6 +117,7 @@ if [[ $mode == --gpu ]]; then
   step probe 60 "$probe_keys" "$PY" bench/probe.py
   step gpu-tests 150 "$test_keys" "${pytest[@]}" -m gpu tests/runtime
   step engine 150 "$engine_keys" "$PY" bench/engine_step.py
+  step host 60 "$host_keys" "$PY" bench/host_step.py
   step decode 180 "$decode_keys" "$PY" bench/decode.py
   step kernels 90 "$kernel_keys" "$PY" bench/kernels.py
   step serve 150 "$serve_keys" "$PY" bench/serve.py
@@ -130,6 +132,7 @@ else
   step kernels 300 "$kernel_keys" "$PY" bench/kernels.py --cpu --tiny
   step decode 300 "$decode_keys" "$PY" bench/decode.py --cpu --tiny
   step engine 300 "$engine_keys" "$PY" bench/engine_step.py --cpu --tiny
+  step host 300 "$host_keys" "$PY" bench/host_step.py
   step serve 300 "$serve_keys" "$PY" bench/serve.py --cpu --tiny
 fi
 
