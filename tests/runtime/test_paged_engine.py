@@ -109,3 +109,36 @@ def test_batch_buckets_cover_every_size():
         for n in range(1, max_batch + 1):
             b = next(b for b in buckets if b >= n)
             assert b - n < 16
+
+
+def test_attention_metadata_matches_a_per_token_computation():
+    import random
+
+    from loraplane.runtime.model.context import AttentionContext
+
+    rng = random.Random(0)
+    bs = 4
+    for _ in range(50):
+        n = rng.randrange(1, 9)
+        decodes = rng.randrange(0, n + 1)
+        qlens = [1] * decodes + [rng.randrange(1, 12) for _ in range(n - decodes)]
+        clens = [q + rng.randrange(0, 20) for q in qlens]
+        tables = [rng.sample(range(200), -(-c // bs) + rng.randrange(0, 3)) for c in clens]
+        ctx = AttentionContext.build(qlens, clens, tables, bs, paged=True)
+        want_pos, want_writes = [], []
+        for q, c, table in zip(qlens, clens, tables, strict=True):
+            for p in range(c - q, c):
+                want_pos.append(p)
+                want_writes.append(table[p // bs] * bs + p % bs)
+        assert ctx.positions.tolist() == want_pos
+        assert ctx.kv_write_index.tolist() == want_writes
+        meta = ctx.paged
+        while decodes < n and qlens[decodes] == 1:  # a one-token chunk decodes too
+            decodes += 1
+        assert meta is not None and meta.num_decodes == decodes
+        for row, table in enumerate(tables):
+            assert meta.block_tables[row, : len(table)].tolist() == table
+        prefill = qlens[decodes:]
+        assert meta.query_start_loc.tolist() == [sum(prefill[:i]) for i in range(len(prefill) + 1)]
+        assert meta.max_query_len == max(prefill, default=0)
+        assert ctx.logits_index.tolist() == [sum(qlens[: i + 1]) - 1 for i in range(n)]

@@ -13,6 +13,7 @@ decode tokens alike, decodes first. Two ways to run attention over it:
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -73,17 +74,18 @@ class AttentionContext:
             assert len(table) * block_size >= c, "block table too short for its context"
         ql = torch.tensor(query_lens)
         starts = torch.cumsum(ql, 0) - ql
-        positions, writes = [], []
-        for i, (q, c) in enumerate(zip(query_lens, context_lens, strict=True)):
-            pos = torch.arange(c - q, c)
-            blocks = torch.tensor(block_tables[i], dtype=torch.long)
-            positions.append(pos)
-            writes.append(blocks[pos // block_size] * block_size + pos % block_size)
+        # Whole-batch tensor ops, not a loop of small ones per sequence: a few dozen host
+        # operations per step, whatever the batch (64 sequences cost 2 ms the other way).
+        tables = _padded_tables(block_tables, table_width)  # [seqs, width] int32
+        seq_of = torch.repeat_interleave(torch.arange(len(query_lens)), ql)  # [tokens]
+        first = torch.tensor(context_lens) - ql  # each sequence's first new position
+        pos = first[seq_of] + torch.arange(int(ql.sum())) - starts[seq_of]
+        writes = tables[seq_of, pos // block_size].long() * block_size + pos % block_size
         if paged:
-            meta = _paged(query_lens, context_lens, block_tables, device, table_width)
+            meta = _paged(query_lens, context_lens, tables, device)
             return cls(
-                positions=torch.cat(positions).to(device),
-                kv_write_index=torch.cat(writes).to(device),
+                positions=pos.to(device),
+                kv_write_index=writes.to(device),
                 logits_index=(starts + ql - 1).to(device),
                 groups=[],
                 paged=meta,
@@ -106,28 +108,33 @@ class AttentionContext:
                     )
                 )
         return cls(
-            positions=torch.cat(positions).to(device),
-            kv_write_index=torch.cat(writes).to(device),
+            positions=pos.to(device),
+            kv_write_index=writes.to(device),
             logits_index=(starts + ql - 1).to(device),
             groups=groups,
         )
 
 
+def _padded_tables(block_tables: list[list[int]], width: int | None) -> torch.Tensor:
+    """[seqs, width] int32, 0 past each table's end; from one flat array, not per row."""
+    width = width or max(len(t) for t in block_tables)
+    assert all(len(t) <= width for t in block_tables), "a block table is wider than the graph's"
+    flat = array("i")
+    for table in block_tables:
+        flat.extend(table)
+        flat.extend([0] * (width - len(table)))
+    return torch.frombuffer(flat, dtype=torch.int32).view(len(block_tables), width)
+
+
 def _paged(
     query_lens: list[int],
     context_lens: list[int],
-    block_tables: list[list[int]],
+    tables: torch.Tensor,
     device: torch.device | str,
-    table_width: int | None,
 ) -> PagedMetadata:
     num_decodes = 0
     while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
         num_decodes += 1
-    width = table_width or max(len(t) for t in block_tables)
-    assert all(len(t) <= width for t in block_tables), "a block table is wider than the graph's"
-    tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
-    for row, table in enumerate(block_tables):
-        tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
     prefill = query_lens[num_decodes:]
     qsl = torch.zeros(len(prefill) + 1, dtype=torch.int32)
     qsl[1:] = torch.cumsum(torch.tensor(prefill, dtype=torch.int32), 0)
