@@ -142,3 +142,15 @@ def test_attention_metadata_matches_a_per_token_computation():
         assert meta.query_start_loc.tolist() == [sum(prefill[:i]) for i in range(len(prefill) + 1)]
         assert meta.max_query_len == max(prefill, default=0)
         assert ctx.logits_index.tolist() == [sum(qlens[: i + 1]) - 1 for i in range(n)]
+
+
+def test_a_failed_graph_capture_leaves_eager_decode_steps(demo_dir, tmp_path, monkeypatch, caplog):
+    server = RunningServer(paged_config(demo_dir, tmp_path))
+    runner = server.runtime.runner
+
+    def broken(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeGraphs, "capture", broken)
+    assert runner._capture_graphs() is None
+    assert "decode steps run eagerly" in caplog.text

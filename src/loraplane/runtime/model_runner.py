@@ -68,8 +68,7 @@ class ModelRunner:
                 self.device,
             )
             if self.device.type == "cuda" and not config.enforce_eager:
-                self.graphs = DecodeGraphs(self.decode_inputs, batch_buckets(config.max_running))
-                self.graphs.capture()
+                self.graphs = self._capture_graphs()
         log.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)",
             self.kv_blocks,
@@ -78,6 +77,24 @@ class ModelRunner:
             self.kv_blocks * self.kv_block_bytes / 2**30,
         )
         self.sampler = Sampler(config.seed)
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        """Decode graphs, or None (eager steps) when capture fails: slower, never down."""
+        assert self.decode_inputs is not None
+        graphs = DecodeGraphs(self.decode_inputs, batch_buckets(self.config.max_running))
+        try:
+            graphs.capture()
+        except Exception:
+            log.exception(
+                "capturing the decode CUDA graphs failed; decode steps run eagerly "
+                "(slower). --enforce-eager skips the capture."
+            )
+            graphs.graphs.clear()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
+            return None
+        return graphs
 
     @property
     def kv_block_bytes(self) -> int:
