@@ -3,10 +3,10 @@ launch config in the tables neither spills registers nor overfills an SM.
 
 The interpreter runs a kernel's Python, not the compiler: a type or layout error that only
 the compiler sees would first show up on the GPU machine. Triton compiles to cubin without
-a device (it ships ptxas), so CI compiles every (phase, dtype) entry of SHRINK_CONFIGS and
-EXPAND_CONFIGS ahead of time, with ptxas's log: spilled registers go to local memory, and a
-config whose `programs_per_sm` cannot all be resident at once turns the persistent grid into
-waves. It runs in a subprocess because with TRITON_INTERPRET=1 set (conftest) @triton.jit is
+a device (it ships ptxas), so CI compiles every (phase, dtype) entry of SHRINK_CONFIGS,
+EXPAND_CONFIGS and EXPAND_GROUP_CONFIGS ahead of time, with ptxas's log: spilled registers go
+to local memory, and a config whose `programs_per_sm` cannot all be resident at once turns the
+persistent grid into waves. It runs in a subprocess because with TRITON_INTERPRET=1 set (conftest) @triton.jit is
 interpreted.
 """
 
@@ -27,7 +27,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from loraplane.runtime.kernels.lora_expand import BLOCK_N, EXPAND_CONFIGS, _lora_expand_kernel
+from loraplane.runtime.kernels.lora_expand import (
+    BLOCK_N, EXPAND_CONFIGS, EXPAND_GROUP_CONFIGS, _lora_expand_group_kernel, _lora_expand_kernel
+)
 from loraplane.runtime.kernels.lora_shrink import BLOCK_K, BLOCK_R, SHRINK_CONFIGS, _lora_shrink_kernel
 
 # Per SM: 64K 32-bit registers on both; shared memory 228 KB on sm90, 164 KB on sm80.
@@ -84,6 +86,18 @@ for arch in (90, 80):
         p = index | {"h_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "scales_ptr": "*fp32"}
         src = ASTSource(_lora_expand_kernel, signature(_lora_expand_kernel, p, c), constexprs=c)
         compile_checked(f"expand {phase} {dt}", src, arch, config)
+    for (phase, dtype), config in EXPAND_GROUP_CONFIGS.items():
+        dt = DTYPE[dtype]
+        c = {"BLOCK_M": BLOCK_M[phase], "BLOCK_N": BLOCK_N, "BLOCK_R": BLOCK_R, "IEEE": dt == "fp32"}
+        members = {
+            f"{v}{m}_ptr": t
+            for m in range(3)
+            for v, t in (("y", f"*{dt}"), ("b", f"*{dt}"), ("scales", "*fp32"))
+        }
+        p = index | members | {"h_ptr": "*fp32"}
+        fn = _lora_expand_group_kernel
+        src = ASTSource(fn, signature(fn, p, c), constexprs=c)
+        compile_checked(f"expand group {phase} {dt}", src, arch, config)
 """
 
 
@@ -96,6 +110,6 @@ def test_kernels_compile_for_sm90_and_sm80_without_spills():
         [sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stderr.count("compiled sm") == 2 * 2 * 6, done.stderr[-2000:]
+    assert done.stderr.count("compiled sm") == 2 * 3 * 6, done.stderr[-2000:]
     bad = [line for line in done.stderr.splitlines() if line.startswith("BAD")]
     assert not bad, "\n".join(bad)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraplane.runtime.kernels.lora_expand import lora_expand, lora_expand_ref
+from loraplane.runtime.kernels.lora_expand import lora_expand, lora_expand_group, lora_expand_ref
 from loraplane.runtime.kernels.lora_shrink import lora_shrink, lora_shrink_ref
-from loraplane.runtime.lora.batch import LoraStep
+from loraplane.runtime.lora.batch import LoraBatch, LoraStep
 from loraplane.runtime.lora.group import SharedInputGroup
 from loraplane.runtime.lora.weights import LoraModuleWeights
 
@@ -105,19 +105,23 @@ class LoraLinear(nn.Module):
         self.ranks[slot] = 0
         self.scales[slot] = 0.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        batch = self.step.batch
-        if batch is None or batch.token_slots is None:
-            return y
-        # x: [..., d_in] → [tokens, d_in]; y: [..., d_out] → [tokens, d_out]
+    def tokens(self, x: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+        """x: [..., d_in] → [tokens, d_in], one token per slot that set_batch was given."""
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] != batch.num_tokens:
             raise ValueError(
                 f"{self.name}: got {x2.shape[0]} tokens but set_batch was given "
                 f"{batch.num_tokens}; call set_batch with one slot per token of this forward"
             )
-        y2 = y.view(-1, self.out_features)
+        return x2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        batch = self.step.batch
+        if batch is None or batch.token_slots is None:
+            return y
+        x2 = self.tokens(x, batch)
+        y2 = y.view(-1, self.out_features)  # [tokens, d_out], a view: the delta lands in y
         if batch.tiles is not None:
             if self.group is not None:
                 h = self.group.shrink(self.member, x2, self.step)
@@ -132,3 +136,38 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name}, slots={self.max_slots}, max_rank={self.max_rank}"
+
+
+def _whole_group(modules: tuple[nn.Module, ...]) -> SharedInputGroup | None:
+    """The group whose members modules are, all of them in member order; else None."""
+    first = modules[0] if modules else None
+    group = first.group if isinstance(first, LoraLinear) else None
+    if group is None or len(modules) != group.size:
+        return None
+    for member, m in enumerate(modules):
+        if not isinstance(m, LoraLinear) or m.group is not group or m.member != member:
+            return None
+    return group
+
+
+def project(x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Each module applied to x. For all the members of one shared-input group, in order, under
+    a batch that runs the kernels, their LoRA takes one shrink and one expand launch in all;
+    anything else (plain Linears, the torch backend, no adapter) runs module by module."""
+    group = _whole_group(modules)
+    layers = [m for m in modules if isinstance(m, LoraLinear)]
+    batch = layers[0].step.batch if group is not None else None
+    if group is None or batch is None or batch.tiles is None:
+        return tuple(m(x) for m in modules)  # as HF models call them, through forward
+    x2 = layers[0].tokens(x, batch)
+    ys = tuple(layer.base(x) for layer in layers)  # [..., d_out_m]
+    h = group.shrink_all(x2, batch.tiles)
+    lora_expand_group(
+        [y.view(-1, layer.out_features) for y, layer in zip(ys, layers, strict=True)],
+        h,
+        [layer.lora_b for layer in layers],
+        group.ranks,
+        [layer.scales for layer in layers],
+        batch.tiles,
+    )
+    return ys

@@ -1,7 +1,9 @@
 """Llama, Mistral and Qwen2 decoders with Hugging Face's parameter names.
 
 The names matter: `model.layers.N.self_attn.q_proj` is what PEFT adapters key their weights
-by, so `inject_lora` can wrap these nn.Linear modules directly.
+by, so `inject_lora` can wrap these nn.Linear modules directly. Projections that read one input
+go through `project`, which runs them as separate modules until LoRA is injected, and then
+gives each group's LoRA one shrink and one expand launch.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplane.runtime.lora.layer import project
 from loraplane.runtime.model.config import ModelConfig
 from loraplane.runtime.model.context import AttentionContext, PagedMetadata
 from loraplane.runtime.model.rope import Rotary
@@ -48,9 +51,8 @@ class Attention(nn.Module):
         # x: [tokens, hidden]
         t = x.shape[0]
         h, kv, d = self.config.num_heads, self.config.num_kv_heads, self.config.head_dim
-        q = self.q_proj(x).view(t, h, d)
-        k = self.k_proj(x).view(t, kv, d)
-        v = self.v_proj(x).view(t, kv, d)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = q.view(t, h, d), k.view(t, kv, d), v.view(t, kv, d)
         q, k = self.rotary(q, k, ctx.positions)
         assert self.k_cache.dim() == 3, "attach a KV cache before running the model"
         self.k_cache[ctx.kv_write_index] = k
@@ -115,7 +117,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter, hid, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
