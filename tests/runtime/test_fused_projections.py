@@ -311,3 +311,42 @@ def test_llama3_8b_groups_match_reference_from_one_cuda_graph(dtype):
                 assert err < TOL[dtype], f"{mix_name}: {name}[{m}] relative error {err:.2e}"
                 untouched = (ts < 0) | (c["ranks"][m][ts.clamp(min=0)] == 0)
                 assert torch.equal(y[untouched], y0[untouched]), (mix_name, name, m)
+
+
+def test_injection_fuses_each_groups_base_weights(lora_models, monkeypatch):
+    """q/k/v and gate/up weights become rows of one tensor at injection: the same parameters
+    and values under the same names, one GEMM per group, and a member whose weight was
+    replaced since (moved, re-assigned) makes its group run its GEMMs apart again."""
+    base_dir, _ = lora_models("llama")
+    model = load_model(base_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bank = inject_lora(model, DEFAULT_TARGETS, max_slots=2, max_rank=8, backend="triton")
+    after = model.state_dict()
+    assert [k.replace(".base", "") for k in after] == list(before)
+    for k, v in after.items():
+        assert torch.equal(v, before[k.replace(".base", "")]), k
+    attn = model.model.layers[0].self_attn
+    qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+    group = qkv[0].group
+    assert group is not None and group.weight is not None
+    assert all(m.weight.untyped_storage().data_ptr() == group.weight.data_ptr() for m in qkv)
+    assert len(bank.groups) == 2 * model.config.num_layers
+    linears = []
+
+    def counting(*args, **kwargs):
+        linears.append(args[1].shape)
+        return torch_linear(*args, **kwargs)
+
+    torch_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    x = torch.randn(5, model.config.hidden_size)
+    with torch.inference_mode():
+        bank.set_batch(torch.tensor([-1] * 5))
+        fused = project(x, *qkv)
+        assert linears == [(sum(group.widths), x.shape[1])]
+        apart = [m(x) for m in qkv]
+        torch.testing.assert_close(fused, tuple(apart), rtol=1e-6, atol=1e-6)
+        attn.k_proj.base.weight = torch.nn.Parameter(attn.k_proj.weight.clone())
+        linears.clear()
+        torch.testing.assert_close(project(x, *qkv), tuple(apart), rtol=1e-6, atol=1e-6)
+        assert len(linears) == 3

@@ -11,12 +11,17 @@ captures any other. It is exact because the members read one input per forward, 
 SHARED_INPUT lists.
 
 A model that calls the members together (`project` in lora/layer.py, as ours does) skips
-that protocol: one shrink and one expand launch for the whole group, nothing left in the step.
+that protocol: one shrink and one expand launch for the whole group, nothing left in the step,
+and one base GEMM: at injection the members' base weights (and biases) become views of one
+concatenated tensor (`fuse_bases`), so the base model's parameters keep their names and
+memory, and modules called one by one read the same weights.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from loraplane.runtime.kernels.lora_shrink import BLOCK_R, lora_shrink
 from loraplane.runtime.kernels.segments import SegmentTiles
@@ -44,6 +49,59 @@ class SharedInputGroup:
         self.rows = -(-max_rank // BLOCK_R) * BLOCK_R  # each member's rows, tile-aligned
         self.a = torch.zeros(max_slots, size * self.rows, d_in, dtype=dtype, device=device)
         self.ranks = torch.zeros(size, max_slots, dtype=torch.int32, device=device)
+        # The members' base weights and biases, concatenated: [sum d_out, d_in], [sum d_out].
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self.widths: list[int] = []  # each member's d_out
+
+    @torch.no_grad()
+    def fuse_bases(self, bases: list[nn.Linear]) -> None:
+        """Make the members' base weights (and biases) rows of one tensor, copied once: the
+        originals are freed when nothing else holds them. Plain Linears only, alike in device
+        and dtype, with a bias on all or none; otherwise they stay apart."""
+        assert len(bases) == self.size, (len(bases), self.size)
+        w0 = bases[0].weight
+        plain = all(type(b) is nn.Linear and type(b.weight) is nn.Parameter for b in bases)
+        alike = all(b.weight.device == w0.device and b.weight.dtype == w0.dtype for b in bases)
+        biases = {b.bias is not None for b in bases}
+        if not plain or not alike or w0.is_meta or len(biases) > 1:
+            return
+        self.weight = torch.cat([b.weight for b in bases])
+        self.bias = (
+            torch.cat([b.bias for b in bases if b.bias is not None])
+            if bases[0].bias is not None
+            else None
+        )
+        self.widths = [b.out_features for b in bases]
+        row = 0
+        for b, n in zip(bases, self.widths, strict=True):
+            grad = b.weight.requires_grad
+            b.weight = nn.Parameter(self.weight[row : row + n], requires_grad=grad)
+            if self.bias is not None:
+                b.bias = nn.Parameter(self.bias[row : row + n], requires_grad=grad)
+            row += n
+
+    def base(self, x: torch.Tensor, bases: list[nn.Linear]) -> tuple[torch.Tensor, ...]:
+        """Every member's base output: one GEMM while their weights are still views of the
+        fused ones (moving or re-assigning a parameter makes it a tensor of its own)."""
+        if self.weight is None or not self._fused(bases):
+            return tuple(b(x) for b in bases)
+        y = F.linear(x, self.weight, self.bias)  # [..., sum d_out]
+        return tuple(y.split(self.widths, dim=-1))
+
+    def _fused(self, bases: list[nn.Linear]) -> bool:
+        assert self.weight is not None
+        w_row, size = self.weight.stride(0), self.weight.element_size()
+        row = 0
+        for b, n in zip(bases, self.widths, strict=True):
+            if b.weight.data_ptr() != self.weight.data_ptr() + row * w_row * size:
+                return False
+            if self.bias is not None and (
+                b.bias is None or b.bias.data_ptr() != self.bias.data_ptr() + row * size
+            ):
+                return False
+            row += n
+        return True
 
     def cols(self, member: int) -> slice:
         """member's rank columns of `a` and of the shrink output."""

@@ -151,16 +151,20 @@ def _whole_group(modules: tuple[nn.Module, ...]) -> SharedInputGroup | None:
 
 
 def project(x: torch.Tensor, *modules: nn.Module) -> tuple[torch.Tensor, ...]:
-    """Each module applied to x. For all the members of one shared-input group, in order, under
-    a batch that runs the kernels, their LoRA takes one shrink and one expand launch in all;
-    anything else (plain Linears, the torch backend, no adapter) runs module by module."""
+    """Each module applied to x. For all the members of one shared-input group, in order: one
+    base GEMM (lora/group.py fuse_bases) and, under a batch that runs the kernels, one shrink
+    and one expand launch in all. Anything else runs module by module, as HF models call them."""
     group = _whole_group(modules)
+    if group is None:
+        return tuple(m(x) for m in modules)
     layers = [m for m in modules if isinstance(m, LoraLinear)]
-    batch = layers[0].step.batch if group is not None else None
-    if group is None or batch is None or batch.tiles is None:
-        return tuple(m(x) for m in modules)  # as HF models call them, through forward
+    batch = layers[0].step.batch
+    if batch is not None and batch.token_slots is not None and batch.tiles is None:
+        return tuple(m(x) for m in modules)  # the torch backend's reference path
+    ys = group.base(x, [layer.base for layer in layers])  # [..., d_out_m]
+    if batch is None or batch.tiles is None:
+        return ys  # no adapter in this batch
     x2 = layers[0].tokens(x, batch)
-    ys = tuple(layer.base(x) for layer in layers)  # [..., d_out_m]
     h = group.shrink_all(x2, batch.tiles)
     lora_expand_group(
         [y.view(-1, layer.out_features) for y, layer in zip(ys, layers, strict=True)],

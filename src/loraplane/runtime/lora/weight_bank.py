@@ -93,7 +93,8 @@ def group_siblings(
     dtype: torch.dtype | None,
     device: torch.device | None,
 ) -> dict[str, tuple[SharedInputGroup, int]]:
-    """Projections that read one input (q/k/v, gate/up) share a shrink: path → (group, member)."""
+    """Projections that read one input (q/k/v, gate/up) share a shrink, and their base weights
+    one tensor (SharedInputGroup.fuse_bases): path → (group, member)."""
     member_of: dict[str, tuple[SharedInputGroup, int]] = {}
     for names in SHARED_INPUT:
         parents: dict[str, list[str]] = {}
@@ -118,6 +119,7 @@ def group_siblings(
                 dtypes.pop(),
                 devices.pop(),
             )
+            group.fuse_bases([wrap[p] for p in paths])
             bank.groups.append(group)
             member_of.update({p: (group, i) for i, p in enumerate(paths)})
     return member_of
