@@ -14,8 +14,8 @@ from test_model import run_flat
 
 from loraplane.runtime.config import DEFAULT_TARGETS
 from loraplane.runtime.kernels import lora_expand, lora_expand_ref, segment_tiles
-from loraplane.runtime.kernels.lora_expand import (
-    BLOCK_N,
+from loraplane.runtime.kernels.lora_expand import BLOCK_N
+from loraplane.runtime.kernels.lora_expand_group import (
     EXPAND_GROUP_CONFIGS,
     expand_group_programs,
     lora_expand_group,
@@ -26,8 +26,8 @@ from loraplane.runtime.lora import inject_lora, layer, read_peft_adapter
 from loraplane.runtime.lora.layer import project
 from loraplane.runtime.model import load_model
 
-# The package re-exports the launcher under the module's name.
-expand_module = importlib.import_module("loraplane.runtime.kernels.lora_expand")
+# Imported by path: the package re-exports launchers under their modules' names.
+expand_module = importlib.import_module("loraplane.runtime.kernels.lora_expand_group")
 MIXES = ("one-token-per-slot", "one-slot-all-tokens", "some-none", "rank-0-member")
 
 

@@ -27,8 +27,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from loraplane.runtime.kernels.lora_expand import (
-    BLOCK_N, EXPAND_CONFIGS, EXPAND_GROUP_CONFIGS, _lora_expand_group_kernel, _lora_expand_kernel
+from loraplane.runtime.kernels.lora_expand import BLOCK_N, EXPAND_CONFIGS, _lora_expand_kernel
+from loraplane.runtime.kernels.lora_expand_group import (
+    EXPAND_GROUP_CONFIGS,
+    _lora_expand_group_kernel,
 )
 from loraplane.runtime.kernels.lora_shrink import BLOCK_K, BLOCK_R, SHRINK_CONFIGS, _lora_shrink_kernel
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loraplane.runtime.kernels.lora_expand import lora_expand, lora_expand_group, lora_expand_ref
+from loraplane.runtime.kernels.lora_expand import lora_expand, lora_expand_ref
+from loraplane.runtime.kernels.lora_expand_group import lora_expand_group
 from loraplane.runtime.kernels.lora_shrink import lora_shrink, lora_shrink_ref
 from loraplane.runtime.lora.batch import LoraBatch, LoraStep
 from loraplane.runtime.lora.group import SharedInputGroup
