@@ -172,7 +172,7 @@ async def test_chunked_prefill_and_cached_prefixes_answer_as_peft_does(demo_dir,
 
 
 def test_kv_cache_sizing_from_device_memory():
-    from loraplane.runtime.model_runner import kv_blocks_for_memory
+    from loraplane.runtime.kv_memory import kv_blocks_for_memory
 
     gib = 2**30
     # An 80 GiB card, 1 GiB held by another process and the CUDA context, 17 GiB of weights

@@ -10,6 +10,7 @@ import torch
 
 from loraplane.runtime.config import RuntimeConfig
 from loraplane.runtime.cuda_graphs import DecodeGraphs, DecodeInputs, batch_buckets
+from loraplane.runtime.kv_memory import graph_reserve_bytes, kv_blocks_for_memory
 from loraplane.runtime.lora import AdapterWeights, LoraWeightBank, inject_lora
 from loraplane.runtime.model import AttentionContext, CausalLM, load_model
 from loraplane.runtime.model.loader import TORCH_DTYPES
@@ -305,30 +306,3 @@ class PendingStep:
             if seq.block_table:
                 seq.num_cached += chunk
         return out
-
-
-def graph_reserve_bytes(vocab_size: int, max_running: int) -> int:
-    """Memory kept out of the KV cache for what the profiling forward does not allocate:
-    the sampler's fp32 copies of a full batch's logits, and CUDA graphs' private pools."""
-    return 4 * 4 * vocab_size * max_running + (512 << 20)
-
-
-def kv_blocks_for_memory(
-    *,
-    total: int,
-    free: int,
-    reserved: int,
-    peak: int,
-    utilization: float,
-    block_bytes: int,
-    reserve: int,
-) -> int:
-    """KV blocks that fit in utilization of the card, beside this process's peak use.
-
-    total, free: the device's, as the driver sees it (free counts other processes' use and
-    the CUDA context as taken); reserved: what torch's allocator holds now; peak: the most
-    this process allocated in the profiling forward, KV cache excluded.
-    """
-    others = max(0, total - free - reserved)  # other processes, the CUDA context, NCCL...
-    budget = int(total * utilization) - others - peak - reserve
-    return max(0, budget // block_bytes)
