@@ -292,7 +292,7 @@ def test_on_a_gpu_nothing_before_the_read_back_waits_for_the_device():
         choice = sampler.choose(logits, list(range(64)), params)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    # Within model_runner.graph_reserve_bytes: two fp32 copies of the logits, and one draw.
+    # Within kv_memory.graph_reserve_bytes: two fp32 copies of the logits, and one draw.
     assert torch.cuda.max_memory_allocated() - before < 2 * logits.numel() * 4 + (150 << 20)
     tokens = choice[0].long().tolist()
     assert tokens[5] == FAILED

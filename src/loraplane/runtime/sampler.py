@@ -19,7 +19,7 @@ FAILED = -1  # the token of a row that could not be sampled
 # Logits drawn together at most. While it runs a draw holds up to ~17 bytes per logit (sort
 # values and int64 indices, cumsum, probs, noise; ~5 without top_k and top_p), so this bounds
 # it to ~70 MiB whatever the batch, beside the two fp32 copies of the whole batch's logits
-# (sanitized, and their log_softmax) within model_runner.graph_reserve_bytes's four.
+# (sanitized, and their log_softmax) within kv_memory.graph_reserve_bytes's four.
 DRAW_LOGITS = 1 << 22
 
 
