@@ -39,6 +39,15 @@ SM = {90: 228 * 1024, 80: 164 * 1024}
 DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 BLOCK_M = {"decode": 16, "prefill": 64}
 
+# Strides of contiguous last dimensions: always 1 when the launchers call the kernels, and
+# Triton compiles an int argument equal to 1 as the constant 1 (fewer registers: an address
+# add is folded). Compiled here as they run, or the counts below would not be the real ones.
+UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_or", "stride_hr", "stride_br", "stride_yn"}
+
+def source(fn, pointers, constexprs):
+    constexprs = constexprs | {name: 1 for name in fn.arg_names if name in UNIT_STRIDES}
+    return ASTSource(fn, signature(fn, pointers, constexprs), constexprs=constexprs)
+
 def signature(fn, pointers, constexprs):
     return {
         name: "constexpr" if name in constexprs else pointers.get(name, "i32")
@@ -80,13 +89,13 @@ for arch in (90, 80):
         dt = DTYPE[dtype]
         c = {"BLOCK_M": BLOCK_M[phase], "BLOCK_R": BLOCK_R, "BLOCK_K": BLOCK_K, "IEEE": dt == "fp32"}
         p = index | {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "out_ptr": "*fp32"}
-        src = ASTSource(_lora_shrink_kernel, signature(_lora_shrink_kernel, p, c), constexprs=c)
+        src = source(_lora_shrink_kernel, p, c)
         compile_checked(f"shrink {phase} {dt}", src, arch, config)
     for (phase, dtype), config in EXPAND_CONFIGS.items():
         dt = DTYPE[dtype]
         c = {"BLOCK_M": BLOCK_M[phase], "BLOCK_N": BLOCK_N, "BLOCK_R": BLOCK_R, "IEEE": dt == "fp32"}
         p = index | {"h_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "scales_ptr": "*fp32"}
-        src = ASTSource(_lora_expand_kernel, signature(_lora_expand_kernel, p, c), constexprs=c)
+        src = source(_lora_expand_kernel, p, c)
         compile_checked(f"expand {phase} {dt}", src, arch, config)
     for (phase, dtype), config in EXPAND_GROUP_CONFIGS.items():
         dt = DTYPE[dtype]
@@ -97,8 +106,7 @@ for arch in (90, 80):
             for v, t in (("y", f"*{dt}"), ("b", f"*{dt}"), ("scales", "*fp32"))
         }
         p = index | members | {"h_ptr": "*fp32"}
-        fn = _lora_expand_group_kernel
-        src = ASTSource(fn, signature(fn, p, c), constexprs=c)
+        src = source(_lora_expand_group_kernel, p, c)
         compile_checked(f"expand group {phase} {dt}", src, arch, config)
 """
 

@@ -237,8 +237,10 @@ def test_decode_step_ctas_are_bounded_by_the_gpu_not_the_batch(monkeypatch):
     monkeypatch.setattr(segments, "_cuda_sm_count", lambda index: H200_SMS)
     before, now = decode_step_ctas(tokens=64, num_slots=64, max_rank=16)
     assert before == 852_992  # ~50k of them live for one adapter: the cost this grid removes
-    cap = LAYERS * (len(SHRINKS) + len(LLAMA3_8B)) * 4 * H200_SMS  # 4 programs per SM
-    assert now == cap == 185_856
+    shrink_per_sm = SHRINK_CONFIGS[("decode", torch.bfloat16)].programs_per_sm  # 3
+    expand_per_sm = EXPAND_CONFIGS[("decode", torch.bfloat16)].programs_per_sm  # 4
+    cap = LAYERS * (len(SHRINKS) * shrink_per_sm + len(LLAMA3_8B) * expand_per_sm) * H200_SMS
+    assert now == cap == 168_960
     # More slots, higher ranks, more tokens grow the bound, not the launch.
     for tokens, num_slots, max_rank in ((64, 256, 64), (256, 256, 16), (512, 64, 128)):
         more_before, more_now = decode_step_ctas(tokens, num_slots, max_rank)

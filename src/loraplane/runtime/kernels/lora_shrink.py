@@ -29,21 +29,22 @@ BLOCK_R = 16  # tl.dot's smallest tile; a rank-8 adapter masks half of it (maske
 BLOCK_K = 128  # decode streams A: 16 rank rows x 128 x 2 B per load, per program
 
 # Not yet timed: picked from ptxas's register and spill counts (test_kernels_compile.py checks
-# them for sm90 and sm80), to be tuned on a GPU (bench/kernels.py; `config=` tries one). Decode
-# items stream [128, 16] slices of A beside [16, 128] of x: 4 warps use 96-127 registers a
-# thread, so 4 programs fit an SM and overlap their loads. Prefill x tiles are [64, 128]: at
-# 4 warps the bf16 kernel needs 250+ registers and spills on sm80, at 8 warps 222-235, so one
-# program fills an SM's 64K registers. fp32 (the exact dot) spills at 4 warps, and its prefill
-# pipeline needs 3 stages not to spill on sm90. num_stages changed nothing else measured.
-_DECODE = LaunchConfig(num_warps=4, num_stages=2, programs_per_sm=4)
+# them for sm90 and sm80, with the unit strides specialized as they are at run time), to be
+# tuned on a GPU (bench/kernels.py; `config=` tries one). Decode items stream [128, 16] slices
+# of A beside [16, 128] of x: at 4 warps the 16-bit kernel takes 167 registers a thread on
+# sm90 (vectorized loads of the contiguous rows), so 3 programs fit an SM's 64K registers, not
+# 4; fp32 at 8 warps takes 94 on sm80: 2 programs. Prefill x tiles are [64, 128]: at 4 warps
+# the bf16 kernel spills on sm80, at 8 warps it takes 231-251, one program an SM. fp32 prefill
+# spills on sm80 with 2 or 3 stages and on sm90 with 2: one stage does not (164-244).
+_DECODE = LaunchConfig(num_warps=4, num_stages=2, programs_per_sm=3)
 _PREFILL = LaunchConfig(num_warps=8, num_stages=2, programs_per_sm=1)
 SHRINK_CONFIGS: LaunchTable = {
     ("decode", torch.bfloat16): _DECODE,
     ("decode", torch.float16): _DECODE,
-    ("decode", torch.float32): LaunchConfig(num_warps=8, num_stages=2, programs_per_sm=3),
+    ("decode", torch.float32): LaunchConfig(num_warps=8, num_stages=2, programs_per_sm=2),
     ("prefill", torch.bfloat16): _PREFILL,
     ("prefill", torch.float16): _PREFILL,
-    ("prefill", torch.float32): LaunchConfig(num_warps=8, num_stages=3, programs_per_sm=1),
+    ("prefill", torch.float32): LaunchConfig(num_warps=8, num_stages=1, programs_per_sm=1),
 }
 
 
