@@ -48,8 +48,3 @@ class PostProcessor:
         if seq.stop_hit is not None:
             reason = "stop"
         return Advance(text, eos, reason)
-
-    def advance(self, seq: Sequence, token: int) -> Advance:
-        """accept, then emit at once."""
-        eos, reason = self.accept(seq, token)
-        return self.emit(seq, eos, reason)

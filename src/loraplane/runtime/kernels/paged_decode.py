@@ -187,7 +187,7 @@ def paged_decode_attention(
     splits = num_splits or choose_num_splits(seqs, kv_heads, block_tables.shape[1], block_size)
     assert splits >= 1, splits
     block_d = _block_d(d)
-    # Unused with one split (the kernel writes out directly); tiny placeholders keep one launch.
+    # Unused with one split (the kernel writes out directly): one-row scratch keeps the launch.
     part = torch.empty(
         seqs if splits > 1 else 1, heads, splits, d, dtype=torch.float32, device=q.device
     )
