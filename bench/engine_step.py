@@ -23,30 +23,11 @@ import gc
 import os
 import time
 
-PRESETS = {
-    "llama3-8b": {
-        "model_type": "llama",
-        "vocab_size": 128256,
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "max_position_embeddings": 8192,
-        "rope_theta": 500000.0,
-    },
-    "tiny": {
-        "model_type": "llama",
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-    },
-}
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from decode import PRESETS as DECODE_PRESETS
+from decode import TARGETS
+
+# The same random-weight shapes as decode.py, as HF config fields (our loader reads those).
+PRESETS = {name: {"model_type": "llama", **fields} for name, fields in DECODE_PRESETS.items()}
 
 
 def parse_args() -> argparse.Namespace:
