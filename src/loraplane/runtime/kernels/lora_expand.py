@@ -5,7 +5,7 @@ of d_out, looped over by a persistent grid up to the live tiles); the loop over 
 the slot's true rank and the shrink's split-K partials are summed on load. Products run on
 tensor cores in the adapter's dtype, sums in fp32. Every item adds into y, so each must run
 exactly once: the tests check that on the sum. lora_expand_group.py launches the same item
-body (`_add_item`) once for a whole q/k/v or gate/up group.
+loop (`_expand_items`) once per member of a q/k/v or gate/up group.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def _add_item(
 
 
 @triton.jit
-def _lora_expand_kernel(
+def _expand_items(
     h_ptr,
     b_ptr,
     y_ptr,
@@ -120,10 +120,9 @@ def _lora_expand_kernel(
     tile_slot_ptr,
     tile_start_ptr,
     tile_end_ptr,
-    num_live_ptr,
+    live_tiles,
     d_out,
     num_splits,
-    n_tiles,
     stride_hs,
     stride_hm,
     stride_hr,
@@ -137,7 +136,9 @@ def _lora_expand_kernel(
     BLOCK_R: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    live_tiles = tl.load(num_live_ptr)
+    """One projection's items (live tiles x n-tiles), spread over the persistent grid: the
+    whole of `_lora_expand_kernel`, and one member's share of the group kernel's."""
+    n_tiles = tl.cdiv(d_out, BLOCK_N)
     # Tile fastest: programs running side by side read the same slice of d_out of B.
     for item in range(tl.program_id(0), live_tiles * n_tiles, tl.num_programs(0)):
         tile = item % live_tiles
@@ -169,6 +170,61 @@ def _lora_expand_kernel(
             BLOCK_R,
             IEEE,
         )
+
+
+@triton.jit
+def _lora_expand_kernel(
+    h_ptr,
+    b_ptr,
+    y_ptr,
+    ranks_ptr,
+    scales_ptr,
+    sorted_ptr,
+    tile_slot_ptr,
+    tile_start_ptr,
+    tile_end_ptr,
+    num_live_ptr,
+    d_out,
+    num_splits,
+    stride_hs,
+    stride_hm,
+    stride_hr,
+    stride_bs,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    _expand_items(
+        h_ptr,
+        b_ptr,
+        y_ptr,
+        ranks_ptr,
+        scales_ptr,
+        sorted_ptr,
+        tile_slot_ptr,
+        tile_start_ptr,
+        tile_end_ptr,
+        tl.load(num_live_ptr),
+        d_out,
+        num_splits,
+        stride_hs,
+        stride_hm,
+        stride_hr,
+        stride_bs,
+        stride_bn,
+        stride_br,
+        stride_ym,
+        stride_yn,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_R,
+        IEEE,
+    )
 
 
 def expand_programs(
@@ -221,7 +277,6 @@ def lora_expand(
         tiles.num_live_tiles,
         d_out,
         h.shape[0],
-        triton.cdiv(d_out, block_n),
         h.stride(0),
         h.stride(1),
         h.stride(2),

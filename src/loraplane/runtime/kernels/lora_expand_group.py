@@ -3,7 +3,7 @@
 Each member's delta goes into its own output, as `lora_expand` would add it: the members'
 n-tiles follow one another in the work items of one persistent grid, so a decoder layer
 launches one expand per group instead of one per projection. Items run `lora_expand`'s own
-item body (`_add_item`), so the two kernels agree bit for bit.
+item loop (`_expand_items`), so the two kernels agree bit for bit.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from loraplane.runtime.kernels.lora_expand import BLOCK_N, BLOCK_R, EXPAND_CONFIGS, _add_item
+from loraplane.runtime.kernels.lora_expand import BLOCK_N, BLOCK_R, EXPAND_CONFIGS, _expand_items
 from loraplane.runtime.kernels.lora_shrink import exact_dot
 from loraplane.runtime.kernels.segments import (
     LaunchConfig,
@@ -32,65 +32,6 @@ EXPAND_GROUP_CONFIGS: LaunchTable = EXPAND_CONFIGS | {
     ("decode", dtype): LaunchConfig(num_warps=4, num_stages=2, programs_per_sm=3)
     for dtype in (torch.bfloat16, torch.float16, torch.float32)
 }
-
-
-@triton.jit
-def _expand_member(
-    h_ptr,
-    b_ptr,
-    y_ptr,
-    ranks_ptr,
-    scales_ptr,
-    sorted_ptr,
-    tile_slot_ptr,
-    tile_start_ptr,
-    tile_end_ptr,
-    live_tiles,
-    d_out,
-    num_splits,
-    stride_hs,
-    stride_hm,
-    stride_hr,
-    stride_bs,
-    stride_bn,
-    stride_ym,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """One group member's items, spread over the grid as `_lora_expand_kernel` spreads them."""
-    n_tiles = tl.cdiv(d_out, BLOCK_N)
-    for item in range(tl.program_id(0), live_tiles * n_tiles, tl.num_programs(0)):
-        tile = item % live_tiles
-        slot = tl.load(tile_slot_ptr + tile)  # >= 0: the live tiles come first
-        _add_item(
-            h_ptr,
-            b_ptr,
-            y_ptr,
-            ranks_ptr,
-            scales_ptr,
-            sorted_ptr,
-            tile_start_ptr,
-            tile_end_ptr,
-            tile,
-            slot,
-            item // live_tiles,
-            d_out,
-            num_splits,
-            stride_hs,
-            stride_hm,
-            stride_hr,
-            stride_bs,
-            stride_bn,
-            1,  # B's rank and y's column strides: the launcher asserts both are 1
-            stride_ym,
-            1,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_R,
-            IEEE,
-        )
 
 
 @triton.jit
@@ -150,7 +91,7 @@ def _lora_expand_group_kernel(
         else:
             b_ptr, y_ptr, scales_ptr, d_out = b2_ptr, y2_ptr, scales2_ptr, d_out2
             stride_bs, stride_bn, stride_ym = stride_b2s, stride_b2n, stride_y2m
-        _expand_member(
+        _expand_items(
             h_ptr + m * rows * stride_hr,
             b_ptr,
             y_ptr,
@@ -168,7 +109,9 @@ def _lora_expand_group_kernel(
             stride_hr,
             stride_bs,
             stride_bn,
+            1,  # B's rank and y's column strides: the launcher asserts both are 1
             stride_ym,
+            1,
             BLOCK_M,
             BLOCK_N,
             BLOCK_R,
