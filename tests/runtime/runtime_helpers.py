@@ -221,3 +221,21 @@ def peft_greedy(
             )
         texts.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return texts
+
+
+# Llama-3-8B's LoRA sites, (d_in, d_out) each, and the projections that share one shrink.
+LLAMA3_8B = {
+    "q_proj": (4096, 4096),
+    "k_proj": (4096, 1024),
+    "v_proj": (4096, 1024),
+    "o_proj": (4096, 4096),
+    "gate_proj": (4096, 14336),
+    "up_proj": (4096, 14336),
+    "down_proj": (14336, 4096),
+}
+LLAMA3_8B_SHRINKS = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("o_proj",),
+    ("gate_proj", "up_proj"),
+    ("down_proj",),
+)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from runtime_helpers import LLAMA3_8B
+from runtime_helpers import LLAMA3_8B_SHRINKS as GROUPS
 
 from loraplane.runtime.kernels import (
     lora_expand,
@@ -111,17 +113,7 @@ def test_decode_step_with_mixed_adapters_replays_from_one_cuda_graph(lora_models
             assert rel_err(got, want.double()) < tol, mix
 
 
-# Llama-3-8B: (d_in, d_out) per projection; q/k/v and gate/up each share one shrink launch.
-LLAMA3_8B = {
-    "q_proj": (4096, 4096),
-    "k_proj": (4096, 1024),
-    "v_proj": (4096, 1024),
-    "o_proj": (4096, 4096),
-    "gate_proj": (4096, 14336),
-    "up_proj": (4096, 14336),
-    "down_proj": (14336, 4096),
-}
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+# Llama-3-8B's LoRA sites and shrink groups come from runtime_helpers.
 
 
 def llama3_8b_layer(slots: int, max_rank: int, dtype, gen) -> dict:

@@ -9,6 +9,8 @@ import random
 import pytest
 import torch
 import triton
+from runtime_helpers import LLAMA3_8B
+from runtime_helpers import LLAMA3_8B_SHRINKS as SHRINKS
 from test_kernels import DEVICE, TOL, fresh_seed, rel_err
 
 from loraplane.runtime.kernels import lora_expand, lora_shrink, segment_tiles, segments
@@ -195,18 +197,7 @@ def test_launchers_launch_the_grid_their_functions_report(monkeypatch):
     )
 
 
-# Llama-3-8B: (d_in, d_out) of each projection, and the shrink launches of one layer
-# (q/k/v share one, gate/up share one: lora/group.py).
-LLAMA3_8B = {
-    "q_proj": (4096, 4096),
-    "k_proj": (4096, 1024),
-    "v_proj": (4096, 1024),
-    "o_proj": (4096, 4096),
-    "gate_proj": (4096, 14336),
-    "up_proj": (4096, 14336),
-    "down_proj": (14336, 4096),
-}
-SHRINKS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+# Llama-3-8B's layers (its LoRA sites and shrinks: runtime_helpers), and an H200's SMs.
 LAYERS, H200_SMS = 32, 132
 
 
