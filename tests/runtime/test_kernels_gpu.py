@@ -113,9 +113,6 @@ def test_decode_step_with_mixed_adapters_replays_from_one_cuda_graph(lora_models
             assert rel_err(got, want.double()) < tol, mix
 
 
-# Llama-3-8B's LoRA sites and shrink groups come from runtime_helpers.
-
-
 def llama3_8b_layer(slots: int, max_rank: int, dtype, gen) -> dict:
     """One decoder layer's adapter slots, A stacked per group as lora/group.py stacks it."""
     rows = -(-max_rank // 16) * 16
