@@ -119,11 +119,18 @@ class BlockManager:
         if len(seq) > len(seq.block_table) * self.block_size:
             seq.block_table.append(self._take())
 
-    def commit(self, seq: Sequence) -> None:
-        """Offer seq's newly full, computed blocks to later sequences (after a forward)."""
+    def commit(self, seq: Sequence, computed: int | None = None) -> None:
+        """Offer seq's newly full, computed blocks to later sequences (after a forward).
+
+        computed: the tokens a finished step left in the cache (default num_cached, which may
+        count a step still running). Only blocks whose token ids the host knows are hashed: a
+        pending token's is on the device alone.
+        """
         if not self.prefix_caching:
             return
-        full = seq.num_cached // self.block_size
+        known = len(seq.prompt_ids) + len(seq.output_ids)
+        limit = seq.num_cached if computed is None else min(computed, seq.num_cached)
+        full = min(limit, known) // self.block_size
         start = seq.num_committed
         if full <= start:
             return

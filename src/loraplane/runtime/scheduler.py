@@ -14,6 +14,12 @@ out during decode, the newest sequence is preempted and later recomputed.
 The scheduler owns both allocators (KV blocks and LoRA slots) and is used only on the engine
 thread. What it decided for the device is in the Step: the slots to clear and the weights to
 copy in, then the sequences to run.
+
+With async scheduling the next step is scheduled while the current one runs: a sequence whose
+token from that step is not read yet counts it (Sequence.num_pending), so it decodes that token
+next like any other, one position and block further on; a sequence whose token is known to be
+its last (max_tokens, the length limit) has nothing uncached and is not run again. An EOS is
+only known later: its sequence's work in the next step is dropped by the engine.
 """
 
 from __future__ import annotations
