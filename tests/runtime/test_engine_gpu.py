@@ -51,7 +51,9 @@ def test_graphs_and_paged_attention_on_cuda_answer_as_peft_does(demo_dir, tmp_pa
         assert runner.paged and runner.graphs is not None and runner.graphs.graphs
         replays = []
         real = runner.graphs.run
-        runner.graphs.run = lambda seqs, slots: replays.append(len(seqs)) or real(seqs, slots)
+        runner.graphs.run = lambda seqs, slots, taken=None: (
+            replays.append(len(seqs)) or real(seqs, slots, taken)
+        )
         got = asyncio.run(answers(server))
     assert replays, "no decode step replayed a graph"
     for i, model in enumerate(MODELS):

@@ -24,10 +24,10 @@ class EagerGraphs(DecodeGraphs):
         super().__init__(inputs, buckets)
         self.replays: list[tuple[int, int, bool]] = []
 
-    def run(self, seqs, lora_slots):
+    def run(self, seqs, lora_slots, taken=None):
         bucket = self.bucket(len(seqs))
         with_lora = any(s >= 0 for s in lora_slots)
-        self.inputs.fill(seqs, lora_slots, bucket)
+        self.inputs.fill(seqs, lora_slots, bucket, taken)
         self.replays.append((len(seqs), bucket, with_lora))
         return self.inputs.forward(bucket, with_lora)[: len(seqs)]
 

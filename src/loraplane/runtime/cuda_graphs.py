@@ -11,6 +11,9 @@ Padding rows attend to nothing (context length 0: the kernel writes zeros), writ
 to a scratch cache position that nothing reads, and have no adapter. Each bucket has a graph
 without LoRA too: a batch with no adapter pays nothing for the LoRA path.
 
+A decode token the host has not read back yet (async scheduling) is copied into the token row
+on the device after the upload, from the previous step's samples: no sync between steps.
+
 `DecodeInputs.forward` is the exact code a graph captures; on a CPU it runs eagerly, which is
 how the padding and buffers are tested without a GPU.
 """
@@ -25,6 +28,7 @@ import torch
 from loraplane.runtime.lora import LoraWeightBank
 from loraplane.runtime.model import AttentionContext, CausalLM
 from loraplane.runtime.model.context import PagedMetadata
+from loraplane.runtime.sampler import take_tokens
 from loraplane.runtime.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -81,8 +85,17 @@ class DecodeInputs:
         self.host_tables.zero_()
         self._upload(bucket)
 
-    def fill(self, seqs: list[Sequence], lora_slots: list[int], bucket: int) -> None:
-        """This step's rows, then padding up to bucket rows (one copy per buffer)."""
+    def fill(
+        self,
+        seqs: list[Sequence],
+        lora_slots: list[int],
+        bucket: int,
+        taken: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """This step's rows, then padding up to bucket rows (one copy per buffer).
+
+        taken: (index, choice) for the rows whose token is pending (sampler.take_tokens): the
+        ids are copied on the device into the persistent token row, after the upload."""
         n, bs = len(seqs), self.block_size
         assert n <= bucket <= self.max_batch, (n, bucket)
         # Flat arrays viewed as tensors: per-element tensor writes, or torch.tensor of nested
@@ -111,6 +124,8 @@ class DecodeInputs:
                 flat.extend([0] * (width - len(t)))
             self.host_tables[:n, :width] = torch.frombuffer(flat, dtype=torch.int32).view(n, width)
         self._upload(bucket)
+        if taken is not None:
+            take_tokens(self.rows[0], *taken)
 
     def _upload(self, bucket: int) -> None:
         self.rows[:, :bucket].copy_(self.host_rows[:, :bucket], non_blocking=True)
@@ -175,11 +190,16 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         log.info("captured %d decode graphs for batch sizes %s", len(self.graphs), self.buckets)
 
-    def run(self, seqs: list[Sequence], lora_slots: list[int]) -> torch.Tensor:
+    def run(
+        self,
+        seqs: list[Sequence],
+        lora_slots: list[int],
+        taken: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """[len(seqs), vocab] logits of one decode step (every sequence one uncached token)."""
         bucket = self.bucket(len(seqs))
         with_lora = any(slot >= 0 for slot in lora_slots)
-        self.inputs.fill(seqs, lora_slots, bucket)
+        self.inputs.fill(seqs, lora_slots, bucket, taken)
         graph, logits = self.graphs[(bucket, with_lora)]
         graph.replay()
         return logits[: len(seqs)]

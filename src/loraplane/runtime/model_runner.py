@@ -1,5 +1,11 @@
 """The only code that touches the device: model weights, KV cache, the LoRA weight bank, the
-forward pass."""
+forward pass.
+
+launch() queues a step and returns a PendingStep at once; the engine reads its tokens later,
+after it has launched the next step (async scheduling). A sequence whose last token is still
+on the device gets it as input from the previous launch's samples by a copy on the device
+(sampler.take_tokens), into the flat input ids or the decode graph's token buffer.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from loraplane.runtime.kv_memory import graph_reserve_bytes, kv_blocks_for_memor
 from loraplane.runtime.lora import AdapterWeights, LoraWeightBank, inject_lora
 from loraplane.runtime.model import AttentionContext, CausalLM, load_model
 from loraplane.runtime.model.loader import TORCH_DTYPES
-from loraplane.runtime.sampler import Sampler, read_back
+from loraplane.runtime.sampler import Sampler, read_back, take_tokens
 from loraplane.runtime.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -78,6 +84,9 @@ class ModelRunner:
             self.kv_blocks * self.kv_block_bytes / 2**30,
         )
         self.sampler = Sampler(config.seed)
+        # The last launch's choice ([2, sampled] on the device) and each sampled sequence's
+        # row in it: where the next launch takes the pending tokens from.
+        self.last_sampled: tuple[torch.Tensor, dict[int, int]] | None = None
 
     def _capture_graphs(self) -> DecodeGraphs | None:
         """Decode graphs, or None (eager steps) when capture fails: slower, never down."""
@@ -215,15 +224,21 @@ class ModelRunner:
         request's generator must not move). On a GPU this returns while the step runs.
 
         lora_slots: each sequence's LoRA slot, -1 for the base model alone.
+
+        A sequence whose last token is pending (async scheduling: the previous launch samples
+        it) has that token's id copied from the previous launch's samples on the device, so
+        this step can be queued before the host has read them. Once queued, each sequence's
+        num_cached counts its chunk: the stream writes that k/v before any later step reads it.
         """
         if chunks is None:
             chunks = [s.num_uncached for s in seqs]
+        taken = self._taken(seqs, chunks)
         if (
             self.graphs is not None
             and all(c == 1 for c in chunks)
             and self.graphs.inputs.fits(seqs)
         ):
-            logits = self.graphs.run(seqs, lora_slots)
+            logits = self.graphs.run(seqs, lora_slots, taken)
             return self._sample(seqs, logits, seqs, chunks)
         ids: list[int] = []
         token_slots: list[int] = []  # the LoRA slot of every token
@@ -249,11 +264,37 @@ class ModelRunner:
         )
         ctx.logits_index = ctx.logits_index[last]
         self.lora.set_batch(torch.tensor(token_slots, dtype=torch.long))
+        input_ids = torch.tensor(ids, device=self.device)
+        if taken is not None:
+            take_tokens(input_ids, *taken)
         try:
-            logits = self.model(torch.tensor(ids, device=self.device), ctx)
+            logits = self.model(input_ids, ctx)
         finally:
             self.lora.clear_batch()
         return self._sample(seqs, logits, [seqs[i] for i in last], chunks)
+
+    def _taken(
+        self, seqs: list[Sequence], chunks: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(index, choice) for sampler.take_tokens: the flat input of each pending token this
+        step computes, and its row in the previous launch's choice."""
+        into: list[int] = []
+        rows: list[int] = []
+        start = 0
+        for seq, chunk in zip(seqs, chunks, strict=True):
+            start += chunk
+            if seq.num_pending and seq.num_cached + chunk == len(seq):
+                assert self.last_sampled is not None, f"no launch sampled seq {seq.seq_id}'s token"
+                choice, row_of = self.last_sampled
+                assert seq.seq_id in row_of, f"the last launch did not sample seq {seq.seq_id}"
+                into.append(start - 1)
+                rows.append(row_of[seq.seq_id])
+        if not into:
+            return None
+        index = torch.tensor([into, rows], dtype=torch.long)
+        if self.device.type == "cuda":  # from pinned memory the copy is queued, not waited for
+            index = index.pin_memory()
+        return index.to(self.device, non_blocking=True), choice
 
     def _sample(
         self,
@@ -268,20 +309,23 @@ class ModelRunner:
             choice = self.sampler.choose(
                 logits, [s.seq_id for s in sampled], [s.params for s in sampled]
             )
-        return PendingStep(seqs, chunks, choice)
+        pending = PendingStep(choice)
+        self.last_sampled = None
+        if choice is not None:
+            self.last_sampled = (choice, {s.seq_id: i for i, s in enumerate(sampled)})
+        for seq, chunk in zip(seqs, chunks, strict=True):
+            seq.num_cached += chunk
+        return pending
 
 
 class PendingStep:
     """A step queued on the device: its tokens, once result() has waited for them.
 
     The one device-to-host copy goes to page-locked memory without waiting, so the engine
-    thread can stream the previous step's tokens meanwhile; result() waits on an event (the
-    GIL is released while it does)."""
+    thread can go on (schedule and launch the next step, stream earlier tokens) meanwhile;
+    result() waits on an event (the GIL is released while it does)."""
 
-    def __init__(
-        self, seqs: list[Sequence], chunks: list[int], choice: torch.Tensor | None
-    ) -> None:
-        self.seqs, self.chunks = seqs, chunks
+    def __init__(self, choice: torch.Tensor | None) -> None:
         self.host: torch.Tensor | None = None
         self.done: torch.cuda.Event | None = None
         if choice is not None:
@@ -295,14 +339,8 @@ class PendingStep:
 
     def result(self) -> tuple[list[int], list[float]]:
         """The next token and its logprob of each sampled sequence, in order."""
-        out: tuple[list[int], list[float]] = ([], [])
-        if self.host is not None:
-            if self.done is not None:
-                self.done.synchronize()
-            out = read_back(self.host)
-        # Only now is the step's k/v known to be in the cache. A sequence that finished
-        # meanwhile (its blocks gone) keeps its count at zero.
-        for seq, chunk in zip(self.seqs, self.chunks, strict=True):
-            if seq.block_table:
-                seq.num_cached += chunk
-        return out
+        if self.host is None:
+            return [], []
+        if self.done is not None:
+            self.done.synchronize()
+        return read_back(self.host)

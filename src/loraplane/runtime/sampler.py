@@ -148,6 +148,17 @@ class Sampler:
         return probs.div_(noise).masked_fill_(cut, -1.0).argmax(dim=-1)
 
 
+def take_tokens(input_ids: torch.Tensor, index: torch.Tensor, choice: torch.Tensor) -> None:
+    """input_ids[index[0]] = the tokens at rows index[1] of an earlier step's choice, on the
+    device: the inputs of sequences whose last token the host has not read back yet (async
+    scheduling). A FAILED row gives token 0, a valid id: that sequence fails on the host once
+    its token is read, and the step meanwhile must not index out of the embedding."""
+    # input_ids: [tokens] long; index: [2, k] long; choice: [2, sampled] float64
+    assert index.shape[0] == 2 and choice.dim() == 2, (index.shape, choice.shape)
+    tokens = choice[0].index_select(0, index[1]).clamp(min=0).long()
+    input_ids.index_copy_(0, index[0], tokens)
+
+
 def read_back(choice: torch.Tensor) -> tuple[list[int], list[float]]:
     """The step's one device-to-host copy: [2, seqs] tokens and logprobs to Python lists."""
     tokens, logprobs = choice.cpu().tolist()
