@@ -6,8 +6,10 @@
 The real Runtime (tiny model, real tokenizer, adapters, metrics, streams read by an asyncio
 loop as the HTTP routes read them) with ModelRunner.launch replaced by a stub that returns
 random tokens at once: the interval between two launches is then the host's whole cost of a
-step (scheduling, LoRA slot bookkeeping, accepting tokens, detokenizing, stop strings,
-metrics, stream pushes). On a GPU the device runs beside all of it (async scheduling: the
+step (scheduling, LoRA slot bookkeeping, accepting tokens, metrics, sending them out). The
+text and the stop strings are made by the streams' reader, as the HTTP side makes them: here
+in this process, sharing its GIL as with --no-engine-process; with the engine in its own
+process (the default) that work is not on the engine's interpreter at all. On a GPU the device runs beside all of it (async scheduling: the
 next step is launched before this one's tokens are read); what is printed is the host budget
 a step must stay under for the device never to wait. DecodeInputs.fill, the copy of a decode step's
 inputs into the graph's buffers, is timed on its own.
@@ -92,7 +94,7 @@ def main() -> None:
         params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, stop=("\n\n",))
         streams = []
         for i in range(args.batch):
-            streams += engine.submit([prompt], params, names[i % len(names)])
+            streams += runtime.submit([prompt], params, names[i % len(names)])
         chars = 0
         for stream in streams:
             async for out in stream:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from loraplane.runtime.detokenizer import Detokenizer
-from loraplane.runtime.sampling import SamplingParams
-from loraplane.runtime.sequence import Sequence
+from loraplane.runtime.detokenizer import Detokenizer, TextState
 
 
 class Chars:
@@ -17,9 +15,9 @@ class Chars:
         return "".join(self.pieces[i] for i in ids)
 
 
-def feed(pieces: list[str], stop: tuple[str, ...] = ()) -> tuple[list[str], Sequence]:
+def feed(pieces: list[str], stop: tuple[str, ...] = ()) -> tuple[list[str], TextState]:
     detok = Detokenizer(Chars(pieces))
-    s = Sequence([0], SamplingParams(max_tokens=50, stop=stop))
+    s = TextState(stop)
     deltas = []
     for i in range(len(pieces)):
         s.output_ids.append(i)
@@ -63,7 +61,7 @@ def test_windowed_decoding_is_exact_and_stays_short():
     pieces = ["▁hello", "▁wor", "ld", "▁again", *["▁x"] * 200]
     tokenizer = LeadingSpace(pieces)
     detok = Detokenizer(tokenizer)
-    s = Sequence([0], SamplingParams(max_tokens=500))
+    s = TextState()
     streamed = ""
     for i in range(len(pieces)):
         s.output_ids.append(i)
@@ -89,7 +87,7 @@ def test_decoding_stays_linear_when_tokens_decode_to_nothing():
     for filler in ("", "\ufffd"):
         tok = Counting([filler] * n + ["end"])
         detok = Detokenizer(tok)
-        s = Sequence([0], SamplingParams(max_tokens=n + 1, stop=("zz",)))
+        s = TextState(("zz",))
         for i in range(n + 1):
             s.output_ids.append(i)
             detok.update(s, final=i == n)

@@ -219,8 +219,8 @@ def test_cache_metrics_follow_the_block_manager():
 
 
 def test_a_steps_tokens_are_streamed_while_the_next_step_runs(demo_dir, tmp_path, monkeypatch):
-    """Launch, then emit the previous step's tokens, then wait: the host's text work overlaps
-    the device's. A stop string found a step late drops the token computed meanwhile."""
+    """Launch, then send the previous step's tokens out, then wait: the host's work overlaps
+    the device's. A stop string (found on the HTTP side) drops the tokens computed meanwhile."""
     import httpx
     from runtime_helpers import RunningServer, make_config
 
@@ -229,18 +229,18 @@ def test_a_steps_tokens_are_streamed_while_the_next_step_runs(demo_dir, tmp_path
     with RunningServer(config) as server:
         engine, runner = server.runtime.engine, server.runtime.runner
         events: list[str] = []
-        real_launch, real_emit = runner.launch, engine.post.emit
+        real_launch, real_sink = runner.launch, engine.sink
 
         def launch(seqs, slots, chunks=None):
             events.append("launch")
             return real_launch(seqs, slots, chunks)
 
-        def emit(seq, eos, reason):
+        def sink(outputs):
             events.append("emit")
-            return real_emit(seq, eos, reason)
+            return real_sink(outputs)
 
         monkeypatch.setattr(runner, "launch", launch)
-        monkeypatch.setattr(engine.post, "emit", emit)
+        monkeypatch.setattr(engine, "sink", sink)
         body = {"model": "poet", "prompt": "hello", "max_tokens": 3, "ignore_eos": True}
         done = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
         assert done["usage"]["completion_tokens"] == 3

@@ -43,6 +43,10 @@ class RuntimeConfig:
     prefix_caching: bool = True
     kv_watermark: float = 0.01  # share of KV blocks admission leaves free for running decodes
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    # Schedule and launch step N+1 before reading step N's tokens, so the GPU never waits for
+    # the host between steps. On for every device: a CPU's launch is synchronous, so it gains
+    # nothing there, but the CPU then takes the GPU's step order and its tests cover it.
+    async_scheduling: bool = True
     # "triton": paged kernels over block tables; "torch": gather + SDPA; "auto": triton on a GPU.
     attention_backend: str = "auto"
     max_queue: int = 256  # waiting requests before 429
@@ -59,6 +63,9 @@ class RuntimeConfig:
     lora_target_modules: tuple[str, ...] = DEFAULT_TARGETS
     default_max_tokens: int = 256  # chat requests that give no max_tokens
     shutdown_timeout_s: float = 30.0
+    # The engine in its own process, the HTTP server (tokenizing, text, streaming) in this
+    # one: they no longer take turns on one GIL. False: one process (debugging, most tests).
+    engine_process: bool = True
     seed: int = 0
     # Hostile input bounds (docs/security.md).
     max_request_bytes: int = 4 << 20  # an HTTP body; a prompt of max_model_len is far less

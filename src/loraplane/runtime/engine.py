@@ -1,20 +1,29 @@
-"""The engine: one thread steps the scheduler and the model runner, and feeds request streams.
+"""The engine: one thread steps the scheduler and the model runner, and sends token ids out.
 
-HTTP handlers call submit() from the event loop and read Outputs from an asyncio queue; the
-engine thread pushes to it with call_soon_threadsafe. Requests and aborts reach the thread
-through an inbox, so the scheduler's state (KV blocks, LoRA slots, queues) is only ever
-touched by that thread. Decisions live elsewhere: what runs (scheduler.py), when a sequence
-is finished (postprocess.py), what is counted (tally.py).
+submit() and abort() are called from the HTTP side (the event loop, or the pipe from the
+HTTP process: engine_process.py); they reach the thread through an inbox, so the
+scheduler's state (KV blocks, LoRA slots, queues) is only ever touched by that thread. What
+comes out is EngineOutputs, token ids only, handed to `sink` once per step: the text and the
+stop strings are made on the HTTP side (outputs.RequestStream), off this thread. Decisions
+live elsewhere: what runs (scheduler.py), when a sequence is finished (postprocess.py), what
+is counted (tally.py).
+
+A step, with async scheduling (the default): schedule step N+1, copy in its LoRA slots, launch
+it; only then read step N's tokens (the one wait), accept them (EOS, length) and send them
+while the device runs N+1. N+1 was scheduled with N's tokens pending: their ids reach N+1 on
+the device, a sequence that N's token ends by length is left out, and one that N's token ends
+by EOS (or an abort, a stop string, a failed row) has its N+1 token dropped, never sent nor
+counted. `--no-async-scheduling`: launch N, send N-1's tokens, read N's, then schedule N+1.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from loraplane.runtime.adapters.manager import AdapterEntry, AdapterManager
@@ -22,16 +31,14 @@ from loraplane.runtime.block_manager import BlockManager
 from loraplane.runtime.config import RuntimeConfig
 from loraplane.runtime.lora_slot_manager import LoraSlotManager
 from loraplane.runtime.metrics import Metrics
-from loraplane.runtime.model_runner import ModelRunner
+from loraplane.runtime.model_runner import ModelRunner, PendingStep
 from loraplane.runtime.outputs import (
     ADAPTER_FAILED,
     GENERATION_FAILED,
     SHUT_DOWN,
+    EngineOutput,
     InvalidRequest,
-    Outbox,
-    Output,
     QueueFull,
-    RequestStream,
     ShuttingDown,
 )
 from loraplane.runtime.postprocess import PostProcessor
@@ -43,18 +50,33 @@ from loraplane.runtime.tally import Tally
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "Output", "QueueFull", "RequestStream", "ShuttingDown"]
+__all__ = ["Engine", "EngineOutput", "QueueFull", "ShuttingDown"]
 
 
 @dataclass
 class Accepted:
-    """A token taken into its sequence, to be turned into text and streamed (PostProcessor)."""
+    """A token taken into its sequence, to be sent out (_emit)."""
 
     seq: Sequence
     token: int
     logprob: float
     eos: bool
     reason: str | None  # "stop" (EOS) or "length" when the token finishes the sequence
+
+
+@dataclass
+class Launched:
+    """A step handed to the model runner, and what the engine needs once its tokens are read."""
+
+    step: Step
+    samples: list[bool]  # per sequence: does it sample (taken before launch moves num_cached)
+    pending: PendingStep | None = None  # None: the launch failed, each sequence runs alone
+    computed: list[int] = field(default_factory=list)  # each sequence's num_cached once it ran
+    dropped: set[int] = field(default_factory=set)  # seq_ids that ended before it was read
+
+    @property
+    def sampled(self) -> list[Sequence]:
+        return [s for s, last in zip(self.step.seqs, self.samples, strict=True) if last]
 
 
 class Engine:
@@ -66,7 +88,9 @@ class Engine:
         adapters: AdapterManager,
         metrics: Metrics,
         base_name: str,
+        sink: Callable[[list[EngineOutput]], None],
     ) -> None:
+        """sink: called on the engine thread with each step's outputs, in order."""
         self.config = config
         self.runner = runner
         self.adapters = adapters
@@ -74,7 +98,7 @@ class Engine:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.max_seq_len = runner.max_seq_len
-        self.post = PostProcessor(tokenizer, eos, self.max_seq_len)
+        self.post = PostProcessor(eos, self.max_seq_len)
         self.tally = Tally(metrics, base_name)
         self.blocks = BlockManager(
             runner.kv_blocks, config.block_size, config.prefix_caching, runner.watermark_blocks
@@ -86,14 +110,18 @@ class Engine:
             config.max_num_batched_tokens,
             config.max_running,
         )
-        self.streams: dict[int, RequestStream] = {}
-        self.unsent: list[Accepted] = []  # tokens taken from the device, not streamed yet
-        self.outbox = Outbox()  # Outputs of this iteration, flushed to the streams at once
+        self.live: dict[int, Sequence] = {}  # by seq_id: submitted, not finished
+        self.unsent: list[Accepted] = []  # tokens taken from the device, not sent yet
+        self.sink = sink
+        self.outbox: list[EngineOutput] = []  # this iteration's outputs, sent at once
+        # ("add", seq), or ("abort" | "stop", seq): stop is the HTTP side's stop string.
         self.inbox: deque[tuple[str, Sequence]] = deque()
         self.wake = threading.Condition()
         self.shutting_down = False  # under tally.lock: admission reads it with the counters
         self.shutdown_deadline: float | None = None
         self.stopped = False
+        # Async scheduling: the step on the device whose tokens are not read yet.
+        self.launched: Launched | None = None
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # -- called from the event loop -----------------------------------------------------------
@@ -102,10 +130,15 @@ class Engine:
         self.thread.start()
 
     def submit(
-        self, prompts: list[list[int]], params: SamplingParams, adapter: str | None
-    ) -> list[RequestStream]:
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        adapter: str | None,
+        seq_ids: list[int],
+    ) -> None:
         """Queue the prompts of one request all together, or none of them: raises
-        InvalidRequest, AdapterNotFound, QueueFull or ShuttingDown."""
+        InvalidRequest, AdapterNotFound, QueueFull or ShuttingDown. seq_ids are the HTTP
+        side's, given before its streams were opened; outputs carry them."""
         for prompt_ids in prompts:
             self.check_fits(len(prompt_ids), params.max_tokens)
         with self.tally.lock:
@@ -119,15 +152,11 @@ class Engine:
                 )
             entries = [self.adapters.acquire(adapter) if adapter else None for _ in prompts]
             self.tally.accepted(len(prompts))
-        streams = []
-        for prompt_ids, entry in zip(prompts, entries, strict=True):
-            seq = Sequence(list(prompt_ids), params, entry, arrival=time.monotonic())
-            stream = RequestStream(seq, asyncio.get_running_loop(), self.abort)
-            self.streams[seq.seq_id] = stream
-            streams.append(stream)
+        for prompt_ids, entry, seq_id in zip(prompts, entries, seq_ids, strict=True):
+            seq = Sequence(list(prompt_ids), params, entry, seq_id=seq_id, arrival=time.monotonic())
+            self.live[seq_id] = seq
             self._post("add", seq)
         self.tally.gauges()
-        return streams
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         """InvalidRequest unless a prompt this long can run with this max_tokens."""
@@ -140,8 +169,11 @@ class Engine:
                 f"{self.max_seq_len} tokens per sequence; shorten the prompt or max_tokens"
             )
 
-    def abort(self, seq: Sequence) -> None:
-        self._post("abort", seq)
+    def abort(self, seq_id: int, reason: str = "abort") -> None:
+        """End a sequence: "abort" (nobody reads it) or "stop" (its stop string came)."""
+        seq = self.live.get(seq_id)
+        if seq is not None:
+            self._post("stop" if reason == "stop" else "abort", seq)
 
     def _post(self, verb: str, seq: Sequence) -> None:
         with self.wake:
@@ -179,7 +211,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.wake:
-                idle = not (self.inbox or self.unsent or self.scheduler.has_work())
+                idle = not (self.inbox or self.unsent or self.launched or self.scheduler.has_work())
                 if idle and not self.stopped:
                     self.wake.wait(timeout=0.5)
                 if self.stopped:
@@ -190,12 +222,22 @@ class Engine:
                 self._iterate(inbox)
             except Exception:
                 log.exception("engine step failed; failing the requests of this step")
+                self._drop_launched()
                 self._fail_running("internal error in the engine step")
-            self.outbox.flush()
+            self._flush()
+        self._drop_launched()
         self._emit()
         for seq in self._all_seqs():
             self._finish(seq, "abort")
-        self.outbox.flush()
+        self._flush()
+
+    def _drop_launched(self) -> None:
+        """Forget the step in flight (its requests end): a waiting sequence that was preempted
+        with a pending token recomputes that token instead."""
+        self.launched = None
+        for seq in self._all_seqs():
+            if not seq.num_cached:
+                seq.num_pending = 0
 
     def _all_seqs(self) -> list[Sequence]:
         waiting = [s for q in self.scheduler.waiting.values() for s in q]
@@ -206,7 +248,7 @@ class Engine:
             if verb == "add":
                 self.scheduler.add(seq)
             elif not seq.finished:
-                self._finish(seq, "abort")
+                self._finish(seq, verb)
         if self.shutdown_deadline is not None and time.monotonic() >= self.shutdown_deadline:
             for seq in self._all_seqs():
                 self._finish(
@@ -221,6 +263,11 @@ class Engine:
             self._fail_adapter(seq)
         if step.seqs:
             self._run(step)
+            return
+        if self.launched is not None:  # nothing to queue behind it: wait for its tokens
+            launched, self.launched = self.launched, None
+            self._land(launched)
+            self._emit()
             return
         self._emit()
         if self.scheduler.has_work() and not step.loads:
@@ -267,48 +314,98 @@ class Engine:
         )
 
     def _run(self, step: Step) -> None:
+        """Launch step N. Synchronous: send N-1's tokens while it runs, then read N's. Async:
+        read N-1's (launched last iteration) now that N is queued behind it, and send them
+        while N runs; N's are read once N+1 is queued."""
         self.tally.step(step)
-        sampled = [s for s, last in zip(step.seqs, step.samples, strict=True) if last]
-        pending = None
+        now = Launched(step, step.samples)
         try:
-            pending = self.runner.launch(step.seqs, step.lora_slots, step.chunks)
+            now.pending = self.runner.launch(step.seqs, step.lora_slots, step.chunks)
+            now.computed = [s.num_cached for s in step.seqs]
         except Exception:
             log.exception("a step of %d sequences failed; running them one by one", len(step.seqs))
-        # The previous step's tokens become text and reach their streams while the device
-        # runs this one; a stop string found now ends a sequence whose token this step drops.
+        if not self.config.async_scheduling:
+            self._emit()  # the previous step's tokens go out while the device runs this one
+            self._land(now)
+            return
+        before, self.launched = self.launched, now
+        if before is not None:
+            self._land(before)  # an EOS among these voids that sequence's row in N
+        if now.pending is None:
+            self.launched = None
+            self._land(now)  # each sequence alone: their pending tokens are known now
+        else:
+            self._mark_pending(now)
+        self.tally.gauges()  # the queue moved at launch; no token may be read this iteration
         self._emit()
-        try:
-            tokens, logprobs = pending.result() if pending else self._run_alone(step)
-        except Exception:
-            log.exception("a step of %d sequences failed; running them one by one", len(step.seqs))
-            tokens, logprobs = self._run_alone(step)
-        for seq in step.seqs:
-            self.blocks.commit(seq)  # its newly computed full blocks, for later prompts
+
+    def _mark_pending(self, launched: Launched) -> None:
+        """N's sampled tokens, not read yet, count in their sequences when N+1 is scheduled:
+        one more position and block each, the ids taken on the device. A token known to be
+        the last (max_tokens, the sequence limit) does not: its sequence is not run again."""
+        for seq in launched.sampled:
+            if seq.finished or seq.seq_id in launched.dropped:
+                continue
+            if seq.room(self.max_seq_len) > 1:
+                seq.num_pending = 1
+
+    def _land(self, done: Launched) -> None:
+        """Read a launched step's tokens (or run its sequences alone when the launch failed),
+        offer its computed blocks to the prefix cache, and take each token into its sequence:
+        EOS and length are decided here (PostProcessor.accept)."""
+        step, computed = done.step, done.computed
+        if done.pending is None:
+            tokens, logprobs = self._run_alone(done)
+            computed = [s.num_cached for s in step.seqs]
+        else:
+            try:
+                tokens, logprobs = done.pending.result()
+            except Exception:
+                if self.config.async_scheduling:
+                    raise  # a step is queued on these tokens: _loop fails what is running
+                log.exception(
+                    "a step of %d sequences failed; running them one by one", len(step.seqs)
+                )
+                for seq, chunk in zip(step.seqs, step.chunks, strict=True):
+                    if seq.block_table:
+                        seq.num_cached -= chunk  # not computed after all
+                tokens, logprobs = self._run_alone(done)
+                computed = [s.num_cached for s in step.seqs]
+        for seq, upto in zip(step.seqs, computed, strict=True):
+            self.blocks.commit(seq, upto)  # its newly computed full blocks, for later prompts
         self.tally.cache(self.blocks, self.scheduler.preemptions)
-        for seq, token, logprob in zip(sampled, tokens, logprobs, strict=True):
-            if seq.finished:
-                continue  # ended while the step ran: a stop string, an abort
+        later = self.launched if self.launched is not done else None
+        for seq, token, logprob in zip(done.sampled, tokens, logprobs, strict=True):
+            seq.num_pending = 0  # known now, or void
+            if seq.finished or seq.seq_id in done.dropped:
+                continue  # ended while the step ran: EOS a step before, a stop string, an abort
+            reason = None
             if token == FAILED:
                 self._finish(seq, "error", error=self._why_failed(seq))
-                continue
-            try:
-                eos, reason = self.post.accept(seq, token)
-            except Exception:
-                log.exception("sequence %d failed after its step", seq.seq_id)
-                self._finish(seq, "error", error="internal error on this request")
-                continue
-            if reason is not None:
-                self.scheduler.remove(seq)  # done: never scheduled again, finished on emit
-            self.unsent.append(Accepted(seq, token, logprob, eos, reason))
+                reason = "error"
+            else:
+                try:
+                    eos, reason = self.post.accept(seq, token)
+                except Exception:
+                    log.exception("sequence %d failed after its step", seq.seq_id)
+                    self._finish(seq, "error", error="internal error on this request")
+                    reason = "error"
+                else:
+                    if reason is not None:
+                        self.scheduler.remove(seq)  # never scheduled again, finished on emit
+                    self.unsent.append(Accepted(seq, token, logprob, eos, reason))
+            if reason is not None and later is not None:
+                later.dropped.add(seq.seq_id)  # its token there was computed in vain
         self.tally.gauges()
 
-    def _run_alone(self, step: Step) -> tuple[list[int], list[float]]:
+    def _run_alone(self, done: Launched) -> tuple[list[int], list[float]]:
         """Each sequence of a failed step in its own forward: only the culprit fails."""
         tokens, logprobs = [], []
+        step = done.step
         for seq, slot, chunk, last in zip(
-            step.seqs, step.lora_slots, step.chunks, step.samples, strict=True
+            step.seqs, step.lora_slots, step.chunks, done.samples, strict=True
         ):
-            if seq.finished:
+            if seq.finished or seq.seq_id in done.dropped:
                 out_tokens, out_logprobs = ([FAILED], [0.0]) if last else ([], [])
             else:
                 try:
@@ -323,36 +420,30 @@ class Engine:
         return tokens, logprobs
 
     def _emit(self) -> None:
-        """Stream the accepted tokens not streamed yet, and finish what they finished."""
+        """Send the accepted tokens not sent yet, and finish what they finished."""
         accepted, self.unsent = self.unsent, []
         now = time.monotonic()
         for a in accepted:
             seq = a.seq
             if seq.finished:
                 continue
-            try:
-                self.tally.token(seq, now)
-                step = self.post.emit(seq, a.eos, a.reason)
-                stream = self.streams.get(seq.seq_id)
-                if stream is not None and (step.text or not step.eos):
-                    token_id = None if step.eos else a.token
-                    self.outbox.put(
-                        stream,
-                        Output(
-                            step.text,
-                            token_id,
-                            a.logprob,
-                            completion_tokens=len(seq.output_ids),
-                        ),
-                    )
-                if step.finish_reason is not None:
-                    self._finish(seq, step.finish_reason, eos=step.eos)
-            except Exception:
-                log.exception("sequence %d failed after its step", seq.seq_id)
-                self._finish(seq, "error", error="internal error on this request")
+            self.tally.token(seq, now)
+            if a.reason is None:
+                self.outbox.append(EngineOutput(seq.seq_id, a.token, a.logprob))
+            else:
+                self._finish(seq, a.reason, eos=a.eos, token=a.token, logprob=a.logprob)
         if accepted:
             self.tally.gauges()
-        self.outbox.flush()  # before the wait for the device: these tokens are ready now
+        self._flush()  # before the wait for the device: these tokens are ready now
+
+    def _flush(self) -> None:
+        if not self.outbox:
+            return
+        outputs, self.outbox = self.outbox, []
+        try:
+            self.sink(outputs)
+        except Exception:  # the HTTP side is gone or closing: nothing left to tell
+            log.exception("sending %d outputs failed", len(outputs))
 
     def _why_failed(self, seq: Sequence) -> str:
         who = f"adapter {seq.adapter_key!r}" if seq.adapter is not None else "the base model"
@@ -365,7 +456,10 @@ class Engine:
         error: str | None = None,
         eos: bool = False,
         error_code: str = GENERATION_FAILED,
+        token: int | None = None,
+        logprob: float = 0.0,
     ) -> None:
+        """End seq for reason; token is the one that ended it (EOS, or the last of length)."""
         if seq.finished:
             return
         was_queued = not seq.started
@@ -376,23 +470,18 @@ class Engine:
         if seq.adapter is not None:
             self.adapters.release(seq.adapter)
         self.tally.finished(seq, reason, was_queued)
-        stream = self.streams.pop(seq.seq_id, None)
-        if stream is not None:
-            self.outbox.put(
-                stream,
-                Output(
-                    "",
-                    None,
-                    finished=True,
-                    finish_reason=reason,
-                    stop_hit=seq.stop_hit,
-                    eos=eos,
-                    prompt_tokens=len(seq.prompt_ids),
-                    completion_tokens=len(seq.output_ids),
-                    error=error,
-                    error_code=error_code if error else None,
-                ),
+        self.live.pop(seq.seq_id, None)
+        self.outbox.append(
+            EngineOutput(
+                seq.seq_id,
+                token,
+                logprob,
+                reason,
+                eos,
+                error,
+                error_code if error else None,
             )
+        )
         self.tally.gauges()
 
     def _fail_running(self, error: str) -> None:

@@ -1,20 +1,29 @@
-"""What a request gets back from the engine: Outputs on an asyncio queue, and the refusals."""
+"""What a request gets back: the engine's token ids made into Outputs, and the refusals.
+
+The engine (its own thread, or its own process) sends EngineOutputs; Streams hands them to
+each request's RequestStream on its event loop, which makes the text (detokenizer.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
-if TYPE_CHECKING:  # sequence -> sampling -> here: InvalidRequest must not need Sequence
-    from loraplane.runtime.sequence import Sequence
+from loraplane.runtime.detokenizer import Detokenizer, TextState
+
+if TYPE_CHECKING:  # sampling imports InvalidRequest from here
+    from loraplane.runtime.sampling import SamplingParams
 
 # Why a request ended in an error: the HTTP layer turns each into its status.
 GENERATION_FAILED = "generation_failed"  # 500: this request's forward or sampling failed
 ADAPTER_FAILED = "adapter_failed"  # 503: its adapter could not be put in a slot; PUT it again
 SHUT_DOWN = "shutting_down"  # 503: the shutdown deadline came first
+ENGINE_GONE = "engine_failed"  # 503: the engine's process exited; the server is restarting
 
 
 class InvalidRequest(ValueError):
@@ -32,6 +41,10 @@ class ShuttingDown(Exception):
     """The server is shutting down and takes no new requests (503)."""
 
 
+class EngineGone(ShuttingDown):
+    """The engine's process exited: nothing more can be served; the server exits too (503)."""
+
+
 @dataclass
 class Output:
     text: str  # new text since the previous Output
@@ -47,62 +60,191 @@ class Output:
     error_code: str | None = None  # GENERATION_FAILED, ADAPTER_FAILED or SHUT_DOWN
 
 
+class EngineOutput(NamedTuple):
+    """What the engine says about one sequence after a step: token ids, never text.
+
+    A tuple, as it crosses from the engine process to the HTTP process once per sequence
+    per step: it pickles small and fast.
+    """
+
+    seq_id: int
+    token_id: int | None  # the sampled token (EOS included); None: a finish without one
+    logprob: float = 0.0
+    finish_reason: str | None = None  # stop (EOS), length, abort, error; None: goes on
+    eos: bool = False  # token_id is end-of-sequence: not part of the output
+    error: str | None = None
+    error_code: str | None = None  # GENERATION_FAILED, ADAPTER_FAILED or SHUT_DOWN
+
+
+# Finishes whose text held back so far (a partial character, a possible stop string's start)
+# is released; an abort or an error ends the text where it was.
+NATURAL_ENDS = ("stop", "length")
+
+
 class RequestStream:
-    """What a handler holds: the sequence (for abort) and its queue of Outputs."""
+    """What a handler holds: one sequence's Outputs, made from the engine's token ids.
+
+    The text is made here, on the handler's event loop, not on the engine's thread (nor in
+    its process): the engine sends token ids, and this turns each into the text it adds and
+    looks for the stop strings. A stop string ends the stream at once and tells the engine
+    (release), which may have computed a token or two past it meanwhile: they are dropped.
+    """
 
     def __init__(
         self,
-        seq: Sequence,
+        seq_id: int,
+        prompt_tokens: int,
+        params: SamplingParams,
+        detok: Detokenizer,
         loop: asyncio.AbstractEventLoop,
-        abort: Callable[[Sequence], None],
+        release: Callable[[int, str], None],
     ) -> None:
-        self.seq = seq
-        self._abort = abort
+        self.seq_id = seq_id
+        self.prompt_tokens = prompt_tokens
+        self.detok = detok
+        self.state = TextState(params.stop)
         self.loop = loop
-        self.queue: asyncio.Queue[Output] = asyncio.Queue()
-        self.done = False
-
-    def push(self, out: Output) -> None:
-        # A closed loop raises RuntimeError: nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        self._release = release
+        self.queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        self.ready: deque[Output] = deque()
+        self.ended = False  # the finished Output is made (it may not be read yet)
+        self.released = False  # the engine was told it may drop the sequence
+        self.done = False  # the finished Output was read
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> Output:
-        if self.done:
-            raise StopAsyncIteration
-        out = await self.queue.get()
+        while not self.ready:
+            if self.ended:
+                raise StopAsyncIteration
+            self.absorb(await self.queue.get())
+        out = self.ready.popleft()
         self.done = out.finished
         return out
 
+    def absorb(self, e: EngineOutput) -> None:
+        """Turn one engine output into the Outputs a handler reads."""
+        if self.ended:
+            return  # tokens computed past a stop string this stream already ended on
+        st = self.state
+        natural = e.finish_reason in NATURAL_ENDS
+        if e.token_id is not None:
+            if not e.eos:
+                st.output_ids.append(e.token_id)
+            text = self.detok.update(st, final=natural)
+            if text or not e.eos:
+                self.ready.append(
+                    Output(
+                        text,
+                        None if e.eos else e.token_id,
+                        e.logprob,
+                        completion_tokens=len(st.output_ids),
+                    )
+                )
+        elif natural:
+            text = self.detok.update(st, final=True)
+            if text:
+                self.ready.append(Output(text, None, completion_tokens=len(st.output_ids)))
+        reason = "stop" if st.stop_hit is not None else e.finish_reason
+        if reason is None:
+            return
+        self.ended = True
+        if e.finish_reason is None:  # a stop string: the engine does not know yet
+            self.release("stop")
+        else:
+            self.released = True  # the engine finished it
+        self.ready.append(
+            Output(
+                "",
+                None,
+                finished=True,
+                finish_reason=reason,
+                stop_hit=st.stop_hit,
+                eos=e.eos,
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=len(st.output_ids),
+                error=e.error,
+                error_code=e.error_code,
+            )
+        )
+
+    def release(self, reason: str = "abort") -> None:
+        """Tell the engine this sequence is over (a stop string, or nobody reads it)."""
+        if not self.released:
+            self.released = True
+            self._release(self.seq_id, reason)
+
     def abort(self) -> None:
-        if not self.done:
-            self._abort(self.seq)
+        """The handler is done with this stream: a sequence still running is aborted."""
+        if not self.ended:
+            self.release("abort")
 
 
-class Outbox:
-    """Outputs for the streams, handed to their event loops in one wake-up per loop.
+class Streams:
+    """The open streams by sequence id, and their ids: made on the event loop, fed from the
+    engine's thread or from the pipe of the engine's process (deliver), one loop wake-up
+    per batch. RequestStream.queue.put per Output woke the loop (a write to its self-pipe)
+    once per token; at 64 sequences a step that was most of the engine thread's time."""
 
-    RequestStream.push wakes its loop once per Output (a write to the loop's self-pipe);
-    at 64 sequences a step that was most of the engine thread's time. The engine puts a
-    step's Outputs here and flushes once; each stream still gets its own in order."""
+    def __init__(self, detok: Detokenizer) -> None:
+        self.detok = detok
+        self.open: dict[int, RequestStream] = {}
+        self.ids = itertools.count()
 
-    def __init__(self) -> None:
-        self.pending: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Output]]] = {}
+    def submit(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        submit: Callable[[list[int]], None],
+        release: Callable[[int, str], None],
+    ) -> list[RequestStream]:
+        """Streams for a request's prompts, opened before submit(their seq_ids) hands them to
+        the engine, so none of their outputs can arrive unclaimed. submit raises for a
+        refused request (InvalidRequest, QueueFull, ...): the streams are closed again.
+        Called on the event loop the streams are read on."""
+        loop = asyncio.get_running_loop()
+        made = [
+            RequestStream(next(self.ids), len(p), params, self.detok, loop, release)
+            for p in prompts
+        ]
+        for stream in made:
+            self.open[stream.seq_id] = stream
+        try:
+            submit([stream.seq_id for stream in made])
+        except BaseException:
+            for stream in made:
+                self.open.pop(stream.seq_id, None)
+            raise
+        return made
 
-    def put(self, stream: RequestStream, out: Output) -> None:
-        self.pending.setdefault(stream.loop, []).append((stream, out))
-
-    def flush(self) -> None:
-        pending, self.pending = self.pending, {}
-        for loop, items in pending.items():
+    def deliver(self, batch: list[EngineOutput]) -> None:
+        """Hand the engine's outputs to their streams' loops (any thread)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, EngineOutput]]] = {}
+        for e in batch:
+            stream = self.open.get(e.seq_id)
+            if stream is None:
+                continue  # released and finished already
+            if e.finish_reason is not None:
+                del self.open[e.seq_id]
+            by_loop.setdefault(stream.loop, []).append((stream, e))
+        for loop, items in by_loop.items():
             # A closed loop raises RuntimeError: nobody is listening any more.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(_put, items)
+
+    def fail_all(self, error: str, error_code: str) -> None:
+        """End every open stream with error (the engine is gone)."""
+        self.deliver(
+            [
+                EngineOutput(
+                    seq_id, None, finish_reason="error", error=error, error_code=error_code
+                )
+                for seq_id in list(self.open)
+            ]
+        )
 
 
-def _deliver(items: list[tuple[RequestStream, Output]]) -> None:
-    for stream, out in items:
-        stream.queue.put_nowait(out)
+def _put(items: list[tuple[RequestStream, EngineOutput]]) -> None:
+    for stream, e in items:
+        stream.queue.put_nowait(e)

@@ -1,10 +1,16 @@
 """Runtime: the parts of one serving process wired together from a RuntimeConfig, and the one
-surface (facade.RuntimeAPI) the HTTP routes use of them."""
+surface (facade.RuntimeAPI) the HTTP routes use of them.
+
+In one process (--no-engine-process, and most tests) the routes call it directly. Otherwise
+it lives in the engine's process (engine_process.py), its outputs go to a `sink` (the pipe),
+and the HTTP process holds a RemoteRuntime (engine_client.py) with the same surface.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from loraplane.api.wire import (
@@ -25,14 +31,22 @@ from loraplane.runtime.facade import Limits
 from loraplane.runtime.metrics import Metrics
 from loraplane.runtime.model import ModelConfig
 from loraplane.runtime.model_runner import ModelRunner
-from loraplane.runtime.outputs import RequestStream
+from loraplane.runtime.outputs import EngineOutput, RequestStream
 from loraplane.runtime.sampling import SamplingParams
+from loraplane.runtime.tokenizer_side import TokenizerSide
 
 log = logging.getLogger(__name__)
 
 
-class Runtime:
-    def __init__(self, config: RuntimeConfig, fetcher: Fetcher | None = None) -> None:
+class Runtime(TokenizerSide):
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        fetcher: Fetcher | None = None,
+        sink: Callable[[list[EngineOutput]], None] | None = None,
+    ) -> None:
+        """sink: where the engine's outputs go when the HTTP side is another process; by
+        default they go to this object's own streams."""
         from transformers import AutoTokenizer
 
         self.config = config
@@ -52,7 +66,7 @@ class Runtime:
         self.model_dir = self._model_dir()
         ModelConfig.from_dir(self.model_dir)  # refuse an unservable model before anything loads
         self.base_name = config.served_model_name or self._default_name()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        TokenizerSide.__init__(self, AutoTokenizer.from_pretrained(str(self.model_dir)))
         self.metrics = Metrics()
         self.runner = ModelRunner(config, self.model_dir)
         facts = ModelFacts(
@@ -77,7 +91,13 @@ class Runtime:
             pin_memory=self.runner.device.type == "cuda",
         )
         self.engine = Engine(
-            config, self.runner, self.tokenizer, self.adapters, self.metrics, self.base_name
+            config,
+            self.runner,
+            self.tokenizer,
+            self.adapters,
+            self.metrics,
+            self.base_name,
+            sink=sink or self.streams.deliver,
         )
         self.ready = False
         self.preload_error: str | None = None
@@ -91,7 +111,6 @@ class Runtime:
             max_request_bytes=config.max_request_bytes,
             shutdown_timeout_s=config.shutdown_timeout_s,
         )
-        self._special_ids = set(self.tokenizer.all_special_ids)
 
     def _model_dir(self) -> Path:
         if "://" not in self.config.model:
@@ -115,22 +134,12 @@ class Runtime:
     def submit(
         self, prompts: list[list[int]], params: SamplingParams, adapter: str | None
     ) -> list[RequestStream]:
-        return self.engine.submit(prompts, params, adapter)
-
-    def encode(self, text: str, special: bool) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=special))
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    def chat_text(self, messages: list[dict[str, str]]) -> str:
-        return str(
-            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.streams.submit(
+            prompts,
+            params,
+            lambda seq_ids: self.engine.submit(prompts, params, adapter, seq_ids),
+            self.engine.abort,
         )
-
-    def is_special(self, token_id: int) -> bool:
-        return token_id in self._special_ids
 
     # -- health and lifecycle -------------------------------------------------------------------
 
