@@ -10,6 +10,10 @@ allocated before the timed pass. Prints generated tokens/s of each and the ratio
     python bench/serve.py --cpu --tiny                               # about a minute on a CPU
     python bench/serve.py                                            # GPU, ~100M model, 8 adapters
     python bench/serve.py --model llama3-8b-shaped --adapters 32     # GPU, 7B, 32 rank-16
+    python bench/serve.py --cpu --tiny --stream --engine-process-ratio  # one process vs two
+
+--engine-process-ratio serves the same mix twice instead of PEFT: with the engine in the HTTP
+server's process (--no-engine-process) and in its own (the default), and prints the ratio.
 
 On a CPU both sides run with the same number of torch threads (--threads), and the load
 average is printed before and after each: other work on the machine moves the ratio more
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import shutil
@@ -45,6 +50,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, help="tokens generated per request (preset's)")
     p.add_argument("--threads", type=int, help="torch threads on each side (CPU: half the cores)")
     p.add_argument("--no-peft", action="store_true", help="time only the runtime")
+    p.add_argument("--stream", action="store_true", help="clients stream (SSE) every token")
+    p.add_argument(
+        "--engine-process-ratio",
+        action="store_true",
+        help="the runtime with its engine in its own process against one process, no PEFT",
+    )
     p.add_argument("--work-dir", type=Path, default=None, help="default: a temporary dir, removed")
     args = p.parse_args()
     args.model = args.model or ("tiny" if args.tiny else "small")
@@ -77,8 +88,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(args, base: Path, adapters: dict[str, Path], work: Path, port: int) -> list:
+def server_command(
+    args, base: Path, adapters: dict[str, Path], work: Path, port: int, engine_process: bool
+) -> list:
     cmd = [sys.executable, "-m", "loraplane.runtime", "--model", str(base)]
+    if not engine_process:
+        cmd += ["--no-engine-process"]
     cmd += ["--served-model-name", "base", "--port", str(port)]
     cmd += ["--device", "cpu" if args.cpu else "cuda"]
     cmd += ["--dtype", "float32" if args.cpu else "bfloat16"]
@@ -92,14 +107,17 @@ def server_command(args, base: Path, adapters: dict[str, Path], work: Path, port
     return cmd
 
 
-def start_server(args, base: Path, adapters: dict[str, Path], work: Path):
+def start_server(
+    args, base: Path, adapters: dict[str, Path], work: Path, engine_process: bool = True
+):
     import httpx
 
     port = free_port()
     env = dict(os.environ)
     if args.threads:  # torch takes its intra-op thread count from these at start
         env |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    proc = subprocess.Popen(server_command(args, base, adapters, work, port), env=env)
+    command = server_command(args, base, adapters, work, port, engine_process)
+    proc = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -115,7 +133,9 @@ def start_server(args, base: Path, adapters: dict[str, Path], work: Path):
     raise SystemExit("the runtime was not ready in 600 s")
 
 
-async def run_server(url: str, jobs, concurrency: int, new_tokens: int) -> tuple[int, float]:
+async def run_server(
+    url: str, jobs, concurrency: int, new_tokens: int, stream: bool = False
+) -> tuple[int, float]:
     """(tokens, seconds) of the timed pass, after an untimed pass of the same mix."""
     import httpx
 
@@ -124,19 +144,26 @@ async def run_server(url: str, jobs, concurrency: int, new_tokens: int) -> tuple
     async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
 
         async def one(model: str | None, prompt: str) -> int:
+            body = {
+                "model": model or "base",
+                "prompt": prompt,
+                "max_tokens": new_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+            }
             async with gate:
-                r = await client.post(
-                    "/v1/completions",
-                    json={
-                        "model": model or "base",
-                        "prompt": prompt,
-                        "max_tokens": new_tokens,
-                        "temperature": 0,
-                        "ignore_eos": True,
-                    },
-                )
-                r.raise_for_status()
-                return r.json()["usage"]["completion_tokens"]
+                if not stream:
+                    r = await client.post("/v1/completions", json=body)
+                    r.raise_for_status()
+                    return r.json()["usage"]["completion_tokens"]
+                body |= {"stream": True, "stream_options": {"include_usage": True}}
+                usage = 0
+                async with client.stream("POST", "/v1/completions", json=body) as r:
+                    r.raise_for_status()
+                    async for line in r.aiter_lines():
+                        if line.startswith('data: {"id"') and '"usage": {' in line:
+                            usage = json.loads(line[6:])["usage"]["completion_tokens"]
+                return usage
 
         await asyncio.gather(*(one(m, p) for m, p in jobs))  # warm-up: every shape once
         start = time.perf_counter()
@@ -235,11 +262,13 @@ def measure(args, work: Path, device: str, dtype: str) -> int:
         f"{time.perf_counter() - t0:.0f} s"
     )
     print(f"# load average before the runtime: {loadavg()}  ({os.cpu_count()} CPUs)")
+    if args.engine_process_ratio:
+        return engine_process_ratio(args, base, adapters, work, jobs)
     t0 = time.perf_counter()
     proc, url = start_server(args, base, adapters, work)
     ready = time.perf_counter() - t0
     try:
-        ours = asyncio.run(run_server(url, jobs, args.concurrency, args.new_tokens))
+        ours = asyncio.run(run_server(url, jobs, args.concurrency, args.new_tokens, args.stream))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -261,6 +290,28 @@ def measure(args, work: Path, device: str, dtype: str) -> int:
         f"{theirs[1]:.2f} s = {theirs[0] / theirs[1]:.1f} tokens/s  (loaded in {loaded:.0f} s)"
     )
     print(f"ratio runtime / PEFT: {ours[0] / ours[1] / (theirs[0] / theirs[1]):.2f}x")
+    return 0
+
+
+def engine_process_ratio(args, base: Path, adapters: dict[str, Path], work: Path, jobs) -> int:
+    """The same mix on one process and on two (engine apart), side by side in one run."""
+    rates = {}
+    for engine_process in (False, True):
+        label = "engine in its own process" if engine_process else "one process"
+        proc, url = start_server(args, base, adapters, work, engine_process)
+        try:
+            tokens, seconds = asyncio.run(
+                run_server(url, jobs, args.concurrency, args.new_tokens, args.stream)
+            )
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        rates[engine_process] = tokens / seconds
+        print(
+            f"{label}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.1f} tokens/s  "
+            f"(load average after: {loadavg()})"
+        )
+    print(f"ratio engine process / one process: {rates[True] / rates[False]:.2f}x")
     return 0
 
 

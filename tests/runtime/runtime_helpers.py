@@ -12,9 +12,10 @@ from pathlib import Path
 
 
 class RunningServer:
-    """A real uvicorn server on 127.0.0.1 in a background thread, with its Runtime."""
+    """A real uvicorn server on 127.0.0.1 in a background thread, with its Runtime (or the
+    runtime given: a RemoteRuntime, whose engine runs in its own process)."""
 
-    def __init__(self, config, fetcher=None) -> None:
+    def __init__(self, config, fetcher=None, runtime=None) -> None:
         import socket
         import threading
 
@@ -23,7 +24,7 @@ class RunningServer:
         from loraplane.runtime.runtime import Runtime
         from loraplane.runtime.server import create_app
 
-        self.runtime = Runtime(config, fetcher=fetcher)
+        self.runtime = runtime or Runtime(config, fetcher=fetcher)
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -40,7 +41,8 @@ class RunningServer:
         try:
             wait_for(self._ready, f"the server at {self.url} to be ready")
         except AssertionError as e:
-            raise AssertionError(f"{e}; preload error: {self.runtime.preload_error}") from None
+            why = getattr(self.runtime, "preload_error", None)
+            raise AssertionError(f"{e}; preload error: {why}") from None
         return self
 
     def _ready(self) -> bool:

@@ -9,9 +9,13 @@ import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loraplane.api.wire import ADMIN_TOKEN_ENV, RUNTIME_DTYPES
 from loraplane.runtime.config import ATTENTION_BACKENDS, CACHE_DIR_ENV, RuntimeConfig
+
+if TYPE_CHECKING:
+    from loraplane.runtime.runtime import Runtime
 
 
 def parse_args(
@@ -53,6 +57,7 @@ def parse_args(
         prefix_caching=a.prefix_caching,
         kv_watermark=a.kv_watermark,
         enforce_eager=a.enforce_eager,
+        async_scheduling=a.async_scheduling,
         attention_backend=a.attention_backend,
         max_queue=a.max_queue,
         max_running=a.max_running,
@@ -63,6 +68,7 @@ def parse_args(
         pvc_root=a.pvc_root,
         hf_token=env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN"),
         shutdown_timeout_s=a.shutdown_timeout,
+        engine_process=a.engine_process,
         max_request_bytes=a.max_request_bytes,
         max_adapter_bytes=a.max_adapter_bytes,
         fetch_timeout_s=a.fetch_timeout,
@@ -146,6 +152,12 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "--enforce-eager", action="store_true", help="run decode steps without CUDA graphs"
     )
     p.add_argument(
+        "--no-async-scheduling",
+        dest="async_scheduling",
+        action="store_false",
+        help="read each step's tokens before scheduling the next (the GPU waits for the host)",
+    )
+    p.add_argument(
         "--attention-backend",
         choices=ATTENTION_BACKENDS,
         default=d.attention_backend,
@@ -222,6 +234,13 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="where pvc://claim/path is mounted: PVC_ROOT/claim/path",
     )
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout_s)
+    p.add_argument(
+        "--no-engine-process",
+        dest="engine_process",
+        action="store_false",
+        help="run the engine in the HTTP server's process (by default it has its own, so "
+        "tokenizing, text and streaming never hold up a step)",
+    )
     p.add_argument("--log-level", default="info")
     return p
 
@@ -232,13 +251,31 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def serve(config: RuntimeConfig) -> None:
+def serve(config: RuntimeConfig) -> int:
+    """Serve until SIGTERM (0), or until the engine's process dies (1)."""
     import uvicorn
 
-    from loraplane.runtime.runtime import Runtime
     from loraplane.runtime.server import create_app
 
-    runtime = Runtime(config)
+    server: uvicorn.Server | None = None
+    engine_died = False
+
+    def on_engine_gone() -> None:
+        nonlocal engine_died
+        engine_died = True
+        if server is not None:
+            server.should_exit = True  # a port that can serve nothing must not stay open
+
+    if config.engine_process:
+        from loraplane.runtime.engine_client import RemoteRuntime
+
+        runtime: RemoteRuntime | Runtime = RemoteRuntime(
+            config, logging.getLogger().level, on_gone=on_engine_gone
+        )
+    else:
+        from loraplane.runtime.runtime import Runtime
+
+        runtime = Runtime(config)
     app = create_app(runtime)
 
     class Server(uvicorn.Server):
@@ -260,6 +297,7 @@ def serve(config: RuntimeConfig) -> None:
     # lands here and the process exits 0, telling Kubernetes the shutdown was clean.
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
+    return 1 if engine_died else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,16 +307,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loraplane-runtime: {e}", file=sys.stderr)
         return 2
     from loraplane.runtime.adapters.errors import AdapterError
+    from loraplane.runtime.engine_client import EngineStartFailed
 
     try:
-        serve(config)
+        return serve(config)
+    except EngineStartFailed as e:  # the engine's process said why, and logged any traceback
+        where = "--model " + config.model if e.kind == "model" else "the engine"
+        print(f"loraplane-runtime: {where}: {e.message}", file=sys.stderr)
+        return 2 if e.kind == "model" else 1
     except AdapterError as e:  # --model from a source that failed: say why, no traceback
         print(f"loraplane-runtime: --model {config.model}: {e.message}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as e:  # not a model we can serve
         print(f"loraplane-runtime: --model {config.model}: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

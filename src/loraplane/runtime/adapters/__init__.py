@@ -1,7 +1,5 @@
-"""Adapters: where they come from, whether they fit the base, and where they live (gpu/cpu/disk)."""
+"""Adapters: where they come from, whether they fit the base, and where they live (gpu/cpu/disk).
 
-from loraplane.runtime.adapters.errors import AdapterError
-from loraplane.runtime.adapters.manager import AdapterEntry, AdapterManager
-from loraplane.runtime.adapters.names import check_name
-
-__all__ = ["AdapterEntry", "AdapterError", "AdapterManager", "check_name"]
+Nothing is imported here: the HTTP process imports errors.py alone, and must not pay for
+torch (manager.py) to do it.
+"""

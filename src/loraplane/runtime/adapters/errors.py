@@ -12,6 +12,11 @@ class AdapterError(Exception):
         self.message = message
         self.field = field  # the request or adapter_config.json field at fault, when one is
 
+    def __reduce__(self):
+        # It crosses from the engine's process to the HTTP one (engine_client.py) pickled;
+        # the default would rebuild it from the message alone and lose the field.
+        return (type(self), (self.message, self.field))
+
 
 class InvalidAdapter(AdapterError):
     """The adapter's files are malformed or hold values no adapter can have (422)."""
