@@ -3,8 +3,8 @@
 # timing, each step under its own time limit and in its own log.
 #   bench/run_all.sh --gpu [STEP...]   # the lent GPU machine, one call, ~6 min on an H200
 #   bench/run_all.sh --cpu [STEP...]   # tiny sizes on a CPU, Triton interpreter: proves the scripts
-# Steps, in order: probe gpu-tests engine host decode kernels serve cuda-tests (all by default), and
-# serve-8b (the 7B-shaped serve against PEFT, ~5 min) only when named.
+# Steps, in order: probe gpu-tests engine host decode kernels serve cuda-tests processes (all by
+# default), and serve-8b (the 7B-shaped serve against PEFT, ~5 min) only when named.
 #
 # Each step's stdout+stderr goes to $OUT/logs/STEP.log when OUT is set (the device tool
 # returns what is under $OUT), else to /tmp/bench-logs/STEP.log; stdout gets the step's key
@@ -21,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
 shift || true
-steps=" probe gpu-tests cuda-tests kernels decode engine host serve serve-8b "
+steps=" probe gpu-tests cuda-tests kernels decode engine host serve processes serve-8b "
 case "$mode" in
   --gpu) budget=${BENCH_BUDGET_S:-480} ;;
   --cpu) budget=${BENCH_BUDGET_S:-1500} ;;
@@ -106,7 +106,7 @@ kernel_keys='^(#|check|base GEMM|rank|tile|  shrink|  expand| +[0-9]+ +[0-9]+ )'
 decode_keys='^(# attention|# device|# batch|check|configuration|lora off|plain model|no adapter|N=|peft|target)'
 host_keys='^(# |engine step|DecodeInputs)'
 engine_keys='^(# |check|configuration|plain|no adapter|[0-9]+ adapters?|target)'
-serve_keys='^(#|loraplane-runtime|PEFT|ratio)'
+serve_keys='^(#|loraplane-runtime|PEFT|ratio|one process|engine in)'
 cuda_tests=(tests/runtime/test_kernels.py tests/runtime/test_lora_peft.py tests/runtime/test_lora_slots.py)
 pytest=("$PY" -m pytest -q -p no:cacheprovider)
 
@@ -123,6 +123,10 @@ if [[ $mode == --gpu ]]; then
   step serve 150 "$serve_keys" "$PY" bench/serve.py
   # The random-mix kernel tests and PEFT-exactness of the Triton path, now on CUDA.
   step cuda-tests 120 "$test_keys" "${pytest[@]}" "${cuda_tests[@]}"
+  # The engine in its own process against one process, 64 clients streaming every token: with
+  # a stub device of 5 ms a step on this machine's many cores, then the ~100M model on the GPU.
+  step processes 180 "$serve_keys" bash -c "$PY bench/processes.py --device-ms 5 && \
+    $PY bench/serve.py --stream --engine-process-ratio --concurrency 64 --requests 256"
   step serve-8b 540 "$serve_keys" "$PY" bench/serve.py --model llama3-8b-shaped --adapters 32
 else
   export TRITON_INTERPRET=1
@@ -134,6 +138,7 @@ else
   step engine 300 "$engine_keys" "$PY" bench/engine_step.py --cpu --tiny
   step host 300 "$host_keys" "$PY" bench/host_step.py
   step serve 300 "$serve_keys" "$PY" bench/serve.py --cpu --tiny
+  step processes 300 "$serve_keys" "$PY" bench/processes.py --device-ms 5
 fi
 
 echo

@@ -50,8 +50,10 @@ class RemoteRuntime(TokenizerSide):
         config: RuntimeConfig,
         log_level: int = logging.INFO,
         on_gone: Callable[[], None] | None = None,
+        target: Callable[..., None] = engine_process.main,
     ) -> None:
-        """Start the engine's process and wait until its model is loaded (or fails to)."""
+        """Start the engine's process and wait until its model is loaded (or fails to).
+        target: the process's entry point (bench/processes.py wraps it to stub the device)."""
         from transformers import AutoTokenizer
 
         # spawn, not fork: the child must not inherit this process's threads or locks, and a
@@ -59,7 +61,7 @@ class RemoteRuntime(TokenizerSide):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(
-            target=engine_process.main, args=(config, child, log_level), name="loraplane-engine"
+            target=target, args=(config, child, log_level), name="loraplane-engine"
         )
         self.process.start()
         child.close()  # only the child holds its end: its death is our EOF
