@@ -94,7 +94,8 @@ def main() -> None:
         params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, stop=("\n\n",))
         streams = []
         for i in range(args.batch):
-            streams += runtime.submit([prompt], params, names[i % len(names)])
+            loop = asyncio.get_running_loop()
+            streams += runtime.submit([prompt], params, names[i % len(names)], loop)
         chars = 0
         for stream in streams:
             async for out in stream:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -50,9 +52,15 @@ class FakeRuntime:
 
     def __init__(self) -> None:
         self.raises: Exception = RuntimeError("unset")
+        self.answer_readiness = threading.Event()
+        self.answer_readiness.set()
 
     def submit(
-        self, prompts: list[list[int]], params: SamplingParams, adapter: str | None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        adapter: str | None,
+        loop: asyncio.AbstractEventLoop,
     ) -> list[RequestStream]:
         raise self.raises
 
@@ -66,6 +74,8 @@ class FakeRuntime:
         return False
 
     def readiness(self) -> str | None:
+        # Blocks as a call to a busy engine process can: until the test lets it answer.
+        assert self.answer_readiness.wait(30), "readiness was never let through"
         return None
 
     def metrics_text(self) -> bytes:
@@ -126,3 +136,32 @@ def test_an_invalid_request_is_the_clients_and_a_bug_is_a_500_that_says_so(fake)
     assert r.json()["error"]["code"] == "internal" and "a bug" not in r.text
     r = client.post("/v1/completions", json=body | {"model": "nope"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_slow_engine_call_never_holds_up_the_event_loop():
+    """The runtime's calls run off the loop: while one waits (on the engine's process, say),
+    every other request is still answered."""
+    import httpx
+
+    runtime = FakeRuntime()
+    runtime.answer_readiness.clear()
+    app = create_app(runtime)
+
+    async def main() -> list[str]:
+        done: list[str] = []
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+
+            async def get(path: str) -> None:
+                r = await client.get(path)
+                assert r.status_code == 200, r.text
+                done.append(path)
+
+            ready = asyncio.create_task(get("/readyz"))
+            await get("/healthz")
+            await get("/metrics")
+            runtime.answer_readiness.set()
+            await ready
+        return done
+
+    assert asyncio.run(main()) == ["/healthz", "/metrics", "/readyz"]

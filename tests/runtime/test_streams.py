@@ -19,7 +19,11 @@ def run(pieces, outputs, stop=(), submit=None):
         streams = Streams(Detokenizer(Chars(pieces)))
         params = SamplingParams(max_tokens=50, stop=stop)
         (stream,) = streams.submit(
-            [[0, 1]], params, submit or (lambda ids: None), lambda i, r: released.append((i, r))
+            [[0, 1]],
+            params,
+            submit or (lambda ids: None),
+            lambda i, r: released.append((i, r)),
+            asyncio.get_running_loop(),
         )
         streams.deliver([EngineOutput(stream.seq_id, *o) for o in outputs])
         got = [out async for out in stream]
@@ -72,7 +76,13 @@ def test_a_refused_request_leaves_no_stream_open():
     async def main():
         streams = Streams(Detokenizer(Chars(["a"])))
         try:
-            streams.submit([[0], [1]], SamplingParams(max_tokens=5), refuse, lambda i, r: None)
+            streams.submit(
+                [[0], [1]],
+                SamplingParams(max_tokens=5),
+                refuse,
+                lambda i, r: None,
+                asyncio.get_running_loop(),
+            )
         except ValueError:
             return streams
         raise AssertionError("submit should have raised")
@@ -84,7 +94,11 @@ def test_fail_all_ends_every_open_stream_with_the_reason():
     async def main():
         streams = Streams(Detokenizer(Chars(["a"])))
         made = streams.submit(
-            [[0], [0]], SamplingParams(max_tokens=5), lambda ids: None, lambda i, r: None
+            [[0], [0]],
+            SamplingParams(max_tokens=5),
+            lambda ids: None,
+            lambda i, r: None,
+            asyncio.get_running_loop(),
         )
         streams.fail_all("the engine process exited", ENGINE_GONE)
         return [[o async for o in s] for s in made], streams

@@ -12,6 +12,7 @@ than leave a port open that can serve nothing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -168,13 +169,18 @@ class RemoteRuntime(TokenizerSide):
     # -- RuntimeAPI -------------------------------------------------------------------------------
 
     def submit(
-        self, prompts: list[list[int]], params: SamplingParams, adapter: str | None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        adapter: str | None,
+        loop: asyncio.AbstractEventLoop,
     ) -> list[RequestStream]:
         return self.streams.submit(
             prompts,
             params,
             lambda seq_ids: self._call("submit", prompts, params, adapter, seq_ids),
             self._release,
+            loop,
         )
 
     def readiness(self) -> str | None:

@@ -1,5 +1,9 @@
 """The one surface the HTTP routes see of a runtime (server/ imports nothing else of it).
 
+Its calls may block (with the engine in its own process, most are a pipe round trip): the
+routes make them off the event loop (server.generation.call); the few attributes are plain
+values, and the tokenizer's answers are local.
+
 Submit a request and get its stream, the limits a request is checked against, readiness and
 the lifecycle, the tokenizer's few answers, and the admin API's adapter verbs (their bodies
 are the wire models of loraplane.api.wire). Runtime implements it; mypy holds the routes to it.
@@ -7,6 +11,7 @@ are the wire models of loraplane.api.wire). Runtime implements it; mypy holds th
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,10 +38,14 @@ class RuntimeAPI(Protocol):
 
     # -- requests (event loop) ------------------------------------------------------------------
     def submit(
-        self, prompts: list[list[int]], params: SamplingParams, adapter: str | None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        adapter: str | None,
+        loop: asyncio.AbstractEventLoop,
     ) -> list[RequestStream]:
         """Queue a request's prompts together or none: InvalidRequest, AdapterNotFound,
-        QueueFull, ShuttingDown."""
+        QueueFull, ShuttingDown. loop: where the streams are read (the call is made off it)."""
         ...
 
     def encode(self, text: str, special: bool) -> list[int]:

@@ -198,12 +198,12 @@ class Streams:
         params: SamplingParams,
         submit: Callable[[list[int]], None],
         release: Callable[[int, str], None],
+        loop: asyncio.AbstractEventLoop,
     ) -> list[RequestStream]:
-        """Streams for a request's prompts, opened before submit(their seq_ids) hands them to
-        the engine, so none of their outputs can arrive unclaimed. submit raises for a
-        refused request (InvalidRequest, QueueFull, ...): the streams are closed again.
-        Called on the event loop the streams are read on."""
-        loop = asyncio.get_running_loop()
+        """Streams for a request's prompts, read on loop, opened before submit(their seq_ids)
+        hands them to the engine, so none of their outputs can arrive unclaimed. submit
+        raises for a refused request (InvalidRequest, QueueFull, ...): the streams are closed
+        again. Any thread."""
         made = [
             RequestStream(next(self.ids), len(p), params, self.detok, loop, release)
             for p in prompts

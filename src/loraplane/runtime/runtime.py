@@ -8,6 +8,7 @@ and the HTTP process holds a RemoteRuntime (engine_client.py) with the same surf
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -132,13 +133,18 @@ class Runtime(TokenizerSide):
     # -- requests -------------------------------------------------------------------------------
 
     def submit(
-        self, prompts: list[list[int]], params: SamplingParams, adapter: str | None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        adapter: str | None,
+        loop: asyncio.AbstractEventLoop,
     ) -> list[RequestStream]:
         return self.streams.submit(
             prompts,
             params,
             lambda seq_ids: self.engine.submit(prompts, params, adapter, seq_ids),
             self.engine.abort,
+            loop,
         )
 
     # -- health and lifecycle -------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -10,6 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from loraplane.api.wire import AdapterInfo, AdapterList, AdapterLoadRequest, AdapterUnloaded
 from loraplane.runtime.facade import RuntimeAPI
 from loraplane.runtime.server.errors import ADMIN_ERRORS, APIError
+from loraplane.runtime.server.generation import call
 
 
 def require_admin(request: Request) -> None:
@@ -38,23 +38,23 @@ def _runtime(request: Request) -> RuntimeAPI:
 
 @router.get("", response_model=AdapterList)
 async def list_adapters(request: Request) -> AdapterList:
-    return _runtime(request).list_adapters()
+    return await call(_runtime(request).list_adapters)
 
 
 @router.get("/{name}", response_model=AdapterInfo)
 async def get_adapter(name: str, request: Request) -> AdapterInfo:
-    return _runtime(request).get_adapter(name)
+    return await call(_runtime(request).get_adapter, name)
 
 
 @router.put("/{name}", response_model=AdapterInfo)
 async def load_adapter(
     name: str, body: AdapterLoadRequest, request: Request, response: Response
 ) -> AdapterInfo:
-    info, created = await asyncio.to_thread(_runtime(request).load_adapter, name, body)
+    info, created = await call(_runtime(request).load_adapter, name, body)
     response.status_code = 201 if created else 200
     return info
 
 
 @router.delete("/{name}", response_model=AdapterUnloaded)
 async def unload_adapter(name: str, request: Request) -> AdapterUnloaded:
-    return _runtime(request).unload_adapter(name)
+    return await call(_runtime(request).unload_adapter, name)

@@ -15,17 +15,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraplane.runtime.facade import RuntimeAPI
 from loraplane.runtime.server import admin_routes, errors, openai_routes, tgi_routes
+from loraplane.runtime.server.generation import call
 
 log = logging.getLogger(__name__)
 
 
 async def finish_running(runtime: RuntimeAPI, deadline_s: float) -> None:
     """Stop taking requests, then give running ones until the deadline to finish."""
-    runtime.stop_taking_requests()
+    await call(runtime.stop_taking_requests)
     end = time.monotonic() + deadline_s
-    while not runtime.idle() and time.monotonic() < end:
+    while not await call(runtime.idle) and time.monotonic() < end:
         await asyncio.sleep(0.05)
-    if not runtime.idle():
+    if not await call(runtime.idle):
         log.warning("shutdown deadline passed with requests still running; aborting them")
 
 
@@ -71,14 +72,14 @@ class BodyLimit:
 def create_app(runtime: RuntimeAPI) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        runtime.start()
+        await call(runtime.start)
         preload = asyncio.create_task(asyncio.to_thread(runtime.preload_adapters))
         try:
             yield
         finally:
             preload.cancel()
             await finish_running(runtime, runtime.limits.shutdown_timeout_s)
-            runtime.stop()
+            await call(runtime.stop)
 
     app = FastAPI(title="loraplane runtime", lifespan=lifespan)
     app.state.runtime = runtime
@@ -94,13 +95,13 @@ def create_app(runtime: RuntimeAPI) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz():
-        reason = runtime.readiness()
+        reason = await call(runtime.readiness)
         if reason is None:
             return {"status": "ready"}
         return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        return Response(runtime.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await call(runtime.metrics_text), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -13,13 +15,14 @@ from loraplane.runtime.sampling import SamplingParams
 from loraplane.runtime.server.errors import APIError
 
 DISCONNECT_POLL_S = 0.5
+T = TypeVar("T")
 
 
-def resolve_adapter(runtime: RuntimeAPI, model: str | None) -> str | None:
+async def resolve_adapter(runtime: RuntimeAPI, model: str | None) -> str | None:
     """None for the base model, else the adapter's name; 404 when neither."""
     if model is None or model in ("", runtime.base_name):
         return None
-    adapter = runtime.served_adapter(model)  # raises AdapterNotFound -> 404
+    adapter = await call(runtime.served_adapter, model)  # raises AdapterNotFound -> 404
     if adapter.error:
         raise APIError(
             503,
@@ -127,5 +130,33 @@ def absorb(result: Result, out: Output) -> None:
         result.completion_tokens = out.completion_tokens
 
 
-def submit(runtime: RuntimeAPI, ids: list[int], params: SamplingParams, adapter: str | None):
-    return runtime.submit([ids], params, adapter)[0]
+async def call(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) off the event loop: the runtime's calls may wait on the engine's process
+    (a pipe round trip, the GIL there), and the loop serves every other stream meanwhile."""
+    return await asyncio.to_thread(fn, *args)
+
+
+async def submit_all(
+    runtime: RuntimeAPI, prompts: list[list[int]], params: SamplingParams, adapter: str | None
+) -> list[RequestStream]:
+    """The request's streams, submitted off the loop. A handler cancelled meanwhile (its
+    client hung up) has them aborted as soon as they exist: nobody will read them."""
+    loop = asyncio.get_running_loop()
+    job = asyncio.ensure_future(call(runtime.submit, prompts, params, adapter, loop))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        job.add_done_callback(_abort_unread)
+        raise
+
+
+def _abort_unread(job: asyncio.Future[list[RequestStream]]) -> None:
+    if not job.cancelled() and job.exception() is None:
+        for stream in job.result():
+            stream.abort()
+
+
+async def submit(
+    runtime: RuntimeAPI, ids: list[int], params: SamplingParams, adapter: str | None
+) -> RequestStream:
+    return (await submit_all(runtime, [ids], params, adapter))[0]

@@ -17,10 +17,12 @@ from loraplane.runtime.server.errors import GENERATION_ERRORS, APIError
 from loraplane.runtime.server.generation import (
     Result,
     absorb,
+    call,
     check_text,
     collect,
     resolve_adapter,
     submit,
+    submit_all,
     tokenize,
 )
 from loraplane.runtime.server.openai_schemas import ChatRequest, CompletionRequest
@@ -51,7 +53,7 @@ def _sse(obj: Any) -> str:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     runtime = _runtime(request)
-    adapter = resolve_adapter(runtime, body.model)
+    adapter = await resolve_adapter(runtime, body.model)
     for name in ("echo", "suffix"):
         if getattr(body, name):
             raise APIError(400, f"{name} is not supported", param=name)
@@ -70,7 +72,7 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         if len(ids) != 1:
             raise APIError(400, "streaming takes a single prompt", param="prompt")
-        stream = submit(runtime, ids[0], params, adapter)
+        stream = await submit(runtime, ids[0], params, adapter)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(text: str, reason: str | None) -> dict:
@@ -87,7 +89,7 @@ async def completions(body: CompletionRequest, request: Request):
         )
     # All prompts are queued together or none is (429, too long): one refusal never leaves
     # the others running for nobody, or counted as aborted.
-    streams = runtime.submit(ids, params, adapter)
+    streams = await submit_all(runtime, ids, params, adapter)
     try:
         results = await asyncio.gather(*(collect(s, request) for s in streams))
     finally:
@@ -148,7 +150,7 @@ async def _chat_prompt(runtime: RuntimeAPI, body: ChatRequest) -> list[int]:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request):
     runtime = _runtime(request)
-    adapter = resolve_adapter(runtime, body.model)
+    adapter = await resolve_adapter(runtime, body.model)
     if body.logprobs:
         raise APIError(400, "logprobs are not supported", param="logprobs")
     ids = await _chat_prompt(runtime, body)
@@ -157,7 +159,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     room = runtime.limits.max_seq_len - len(ids)
     params = body.params(max(1, min(runtime.limits.default_max_tokens, room)))
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    stream = submit(runtime, ids, params, adapter)
+    stream = await submit(runtime, ids, params, adapter)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         first = [True]
@@ -245,7 +247,7 @@ async def models(request: Request):
             "parent": None,
         }
     ]
-    for adapter in runtime.served_adapters():
+    for adapter in await call(runtime.served_adapters):
         assert adapter.loaded_at is not None  # a registered adapter was loaded
         data.append(
             {

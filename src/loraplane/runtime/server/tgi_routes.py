@@ -125,10 +125,10 @@ def _token(t: tuple[int, str, float], runtime: RuntimeAPI) -> dict:
 
 async def _start(request: Request, body: GenerateRequest):
     runtime: RuntimeAPI = request.app.state.runtime
-    adapter = resolve_adapter(runtime, body.parameters.adapter_id)
+    adapter = await resolve_adapter(runtime, body.parameters.adapter_id)
     params = _params(body.parameters)
     ids = await tokenize(runtime, body.inputs, "inputs")
-    return runtime, submit(runtime, ids, params, adapter)
+    return runtime, await submit(runtime, ids, params, adapter)
 
 
 async def _generate(request: Request, body: GenerateRequest) -> dict:
