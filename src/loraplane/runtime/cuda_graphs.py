@@ -70,6 +70,12 @@ class DecodeInputs:
         self.token_slots = torch.full((max_batch,), -1, dtype=torch.int32, device=device)
         self.logits_index = torch.arange(max_batch, device=device)
         self.no_prefill = torch.zeros(1, dtype=torch.int32, device=device)
+        # The staging buffers above are page-locked and copied up without waiting. With async
+        # scheduling the host fills step N+1 while the device may not have taken step N's
+        # copy yet: this event, recorded behind each upload, is waited for before they are
+        # written again. The copy is queued right behind the step the host has just read
+        # back, so the wait is microseconds.
+        self.uploaded: torch.cuda.Event | None = None
         self.pad(max_batch)
 
     def fits(self, seqs: list[Sequence]) -> bool:
@@ -79,6 +85,7 @@ class DecodeInputs:
 
     def pad(self, bucket: int) -> None:
         """Every row a padding row (what a graph is captured with)."""
+        self._writable()
         self.host_rows.zero_()
         self.host_rows[2].fill_(self.scratch_kv_index)
         self.host_rows[4].fill_(-1)
@@ -98,6 +105,7 @@ class DecodeInputs:
         ids are copied on the device into the persistent token row, after the upload."""
         n, bs = len(seqs), self.block_size
         assert n <= bucket <= self.max_batch, (n, bucket)
+        self._writable()
         # Flat arrays viewed as tensors: per-element tensor writes, or torch.tensor of nested
         # lists, cost more than the rest of a step's host work at 64 rows.
         pad = bucket - n
@@ -127,9 +135,16 @@ class DecodeInputs:
         if taken is not None:
             take_tokens(self.rows[0], *taken)
 
+    def _writable(self) -> None:
+        if self.uploaded is not None:
+            self.uploaded.synchronize()  # the last upload has left the staging buffers
+
     def _upload(self, bucket: int) -> None:
         self.rows[:, :bucket].copy_(self.host_rows[:, :bucket], non_blocking=True)
         self.block_tables[:bucket].copy_(self.host_tables[:bucket], non_blocking=True)
+        if self.device.type == "cuda":
+            self.uploaded = torch.cuda.Event()
+            self.uploaded.record()
         # The int32 copies the kernels read, converted on the device.
         self.context_lens[:bucket].copy_(self.rows[3, :bucket])
         self.token_slots[:bucket].copy_(self.rows[4, :bucket])
