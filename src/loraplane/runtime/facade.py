@@ -6,7 +6,8 @@ values, and the tokenizer's answers are local.
 
 Submit a request and get its stream, the limits a request is checked against, readiness and
 the lifecycle, the tokenizer's few answers, and the admin API's adapter verbs (their bodies
-are the wire models of loraplane.api.wire). Runtime implements it; mypy holds the routes to it.
+are the wire models of loraplane.api.wire). Runtime (in process) and RemoteRuntime (the engine
+in its own) implement it; mypy holds the routes to it.
 """
 
 from __future__ import annotations
