@@ -115,7 +115,7 @@ if [[ $mode == --gpu ]]; then
   # Most telling first: the budget cuts the tail. engine times the serving engine itself
   # (graphs, paged attention, LoRA slots, sampler) against the targets.
   step probe 60 "$probe_keys" "$PY" bench/probe.py
-  step gpu-tests 150 "$test_keys" "${pytest[@]}" -m gpu tests/runtime
+  step gpu-tests 180 "$test_keys" "${pytest[@]}" -m gpu tests/runtime
   step engine 150 "$engine_keys" "$PY" bench/engine_step.py
   step host 60 "$host_keys" "$PY" bench/host_step.py
   step decode 180 "$decode_keys" "$PY" bench/decode.py

@@ -49,13 +49,14 @@ def test_graphs_and_paged_attention_on_cuda_answer_as_peft_does(demo_dir, tmp_pa
     with RunningServer(gpu_config(demo_dir, tmp_path / "graphs")) as server:
         runner = server.runtime.runner
         assert runner.paged and runner.graphs is not None and runner.graphs.graphs
-        replays = []
+        replays: list[bool] = []  # per replay: did a pending token come from the device?
         real = runner.graphs.run
         runner.graphs.run = lambda seqs, slots, taken=None: (
-            replays.append(len(seqs)) or real(seqs, slots, taken)
+            replays.append(taken is not None) or real(seqs, slots, taken)
         )
         got = asyncio.run(answers(server))
     assert replays, "no decode step replayed a graph"
+    assert any(replays), "async scheduling never fed a graph a token still on the device"
     for i, model in enumerate(MODELS):
         want = peft_greedy(base, adapters.get(model), PROMPTS, MAX_TOKENS, device="cuda")
         ours = got[i * len(PROMPTS) : (i + 1) * len(PROMPTS)]
@@ -63,6 +64,19 @@ def test_graphs_and_paged_attention_on_cuda_answer_as_peft_does(demo_dir, tmp_pa
     with RunningServer(gpu_config(demo_dir, tmp_path / "eager", enforce_eager=True)) as server:
         assert server.runtime.runner.graphs is None
         assert asyncio.run(answers(server)) == got
+    sync = gpu_config(demo_dir, tmp_path / "sync", async_scheduling=False)
+    with RunningServer(sync) as server:
+        assert asyncio.run(answers(server)) == got
+
+
+def test_the_engine_process_on_cuda_answers_as_one_process_does(demo_dir, tmp_path):
+    from loraplane.runtime.engine_client import RemoteRuntime
+
+    with RunningServer(gpu_config(demo_dir, tmp_path / "one")) as server:
+        one = asyncio.run(answers(server))
+    config = gpu_config(demo_dir, tmp_path / "two")
+    with RunningServer(config, runtime=RemoteRuntime(config)) as server:
+        assert asyncio.run(answers(server)) == one
 
 
 def test_kv_cache_is_sized_from_free_device_memory(demo_dir, tmp_path):
