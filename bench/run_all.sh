@@ -6,8 +6,9 @@
 # Steps, in order: probe gpu-tests engine host decode kernels serve cuda-tests processes (all by
 # default), and serve-8b (the 7B-shaped serve against PEFT, ~5 min) only when named.
 #
-# Each step's stdout+stderr goes to $OUT/logs/STEP.log when OUT is set (the device tool
-# returns what is under $OUT), else to /tmp/bench-logs/STEP.log; stdout gets the step's key
+# Each step's stdout+stderr goes to /tmp/bench-logs/STEP.log; when OUT is set (the device tool
+# returns what is under $OUT, at most 8 files) they are packed into $OUT/bench-logs.tgz after
+# every step, so a run cut short still brings back what it did. Stdout gets the step's key
 # lines (its log's tail when it failed) and a summary line, and at the end a table of every
 # step's exit code and seconds. A step over its limit is killed (rc 124) and the run goes on;
 # the run stops starting steps when BENCH_BUDGET_S (default 480 s on a GPU) is spent, so it
@@ -34,9 +35,9 @@ if [[ $mode == usage ]]; then
   exit 2
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-LOGS=${OUT:+$OUT/logs}
-LOGS=${LOGS:-/tmp/bench-logs}
+LOGS=/tmp/bench-logs
 mkdir -p "$LOGS"
+rm -f "$LOGS"/*.log # this run's steps only
 status=0
 summary=()
 
@@ -96,6 +97,7 @@ step() {
   fi
   summary+=("$(printf '%-11s rc %-3s %4d s  %s%s' "$name" "$rc" $((SECONDS - start)) "$log" "$why")")
   echo "-- $name: rc $rc in $((SECONDS - start)) s$why"
+  if [[ -n ${OUT:-} ]]; then tar -czf "$OUT/bench-logs.tgz" -C "$LOGS" . 2>/dev/null; fi
 }
 
 # Key lines: the probe without the package rows that match our pins; pytest's verdicts;
