@@ -12,7 +12,6 @@ than leave a port open that can serve nothing.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import logging
@@ -25,7 +24,7 @@ from typing import Any
 from loraplane.api.wire import AdapterInfo, AdapterList, AdapterLoadRequest, AdapterUnloaded
 from loraplane.runtime import engine_process
 from loraplane.runtime.config import RuntimeConfig
-from loraplane.runtime.outputs import ENGINE_GONE, EngineGone, RequestStream
+from loraplane.runtime.outputs import ENGINE_GONE, EngineGone
 from loraplane.runtime.sampling import SamplingParams
 from loraplane.runtime.tokenizer_side import TokenizerSide
 
@@ -54,7 +53,8 @@ class RemoteRuntime(TokenizerSide):
         target: Callable[..., None] = engine_process.main,
     ) -> None:
         """Start the engine's process and wait until its model is loaded (or fails to).
-        target: the process's entry point (bench/processes.py wraps it to stub the device)."""
+        target: the process's entry point (bench/processes.py wraps it to put a timed
+        stand-in in place of the device)."""
         from transformers import AutoTokenizer
 
         # spawn, not fork: the child must not inherit this process's threads or locks, and a
@@ -153,11 +153,6 @@ class RemoteRuntime(TokenizerSide):
         if not self.closing and self.on_gone is not None:
             self.on_gone()
 
-    def _release(self, seq_id: int, reason: str) -> None:
-        if self.gone is None:
-            with contextlib.suppress(OSError):  # gone: the reader ends everything
-                self._send(("release", seq_id, reason))
-
     def _join(self, timeout_s: float) -> int | None:
         """The engine process's exit code, waiting up to timeout_s; None while it runs.
         One thread at a time: two waiting on one child race to reap it, and the loser reads
@@ -168,20 +163,19 @@ class RemoteRuntime(TokenizerSide):
 
     # -- RuntimeAPI -------------------------------------------------------------------------------
 
-    def submit(
+    def submit_ids(
         self,
         prompts: list[list[int]],
         params: SamplingParams,
         adapter: str | None,
-        loop: asyncio.AbstractEventLoop,
-    ) -> list[RequestStream]:
-        return self.streams.submit(
-            prompts,
-            params,
-            lambda seq_ids: self._call("submit", prompts, params, adapter, seq_ids),
-            self._release,
-            loop,
-        )
+        seq_ids: list[int],
+    ) -> None:
+        self._call("submit_ids", prompts, params, adapter, seq_ids)
+
+    def release(self, seq_id: int, reason: str) -> None:
+        if self.gone is None:
+            with contextlib.suppress(OSError):  # gone: the reader ends everything
+                self._send(("release", seq_id, reason))
 
     def readiness(self) -> str | None:
         if self.gone is not None:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 # The RuntimeAPI methods the HTTP process calls here (its tokenizer half it answers itself).
 CALLS = frozenset(
     {
-        "submit",
+        "submit_ids",
         "readiness",
         "metrics_text",
         "start",
@@ -151,7 +151,7 @@ def serve(runtime: Any, conn: Connection, send: Sender) -> None:
                 return
             kind = message[0]
             if kind == "release":
-                runtime.engine.abort(message[1], message[2])
+                runtime.release(message[1], message[2])
             elif kind == "call":
                 _, call_id, method, args = message
                 if method in QUICK:
@@ -169,10 +169,7 @@ def answer(runtime: Any, send: Sender, call_id: int, method: str, args: tuple[An
     try:
         if method not in CALLS:
             raise ValueError(f"{method!r} is not a call the engine process answers")
-        if method == "submit":  # the streams' ids come with it (Streams.submit)
-            value = runtime.engine.submit(*args)
-        else:
-            value = getattr(runtime, method)(*args)
+        value = getattr(runtime, method)(*args)
         reply: tuple[Any, ...] = ("reply", call_id, True, value)
     except Exception as e:
         reply = ("reply", call_id, False, portable(e))

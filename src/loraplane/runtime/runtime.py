@@ -8,7 +8,6 @@ and the HTTP process holds a RemoteRuntime (engine_client.py) with the same surf
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from loraplane.runtime.facade import Limits
 from loraplane.runtime.metrics import Metrics
 from loraplane.runtime.model import ModelConfig
 from loraplane.runtime.model_runner import ModelRunner
-from loraplane.runtime.outputs import EngineOutput, RequestStream
+from loraplane.runtime.outputs import EngineOutput
 from loraplane.runtime.sampling import SamplingParams
 from loraplane.runtime.tokenizer_side import TokenizerSide
 
@@ -132,20 +131,17 @@ class Runtime(TokenizerSide):
 
     # -- requests -------------------------------------------------------------------------------
 
-    def submit(
+    def submit_ids(
         self,
         prompts: list[list[int]],
         params: SamplingParams,
         adapter: str | None,
-        loop: asyncio.AbstractEventLoop,
-    ) -> list[RequestStream]:
-        return self.streams.submit(
-            prompts,
-            params,
-            lambda seq_ids: self.engine.submit(prompts, params, adapter, seq_ids),
-            self.engine.abort,
-            loop,
-        )
+        seq_ids: list[int],
+    ) -> None:
+        self.engine.submit(prompts, params, adapter, seq_ids)
+
+    def release(self, seq_id: int, reason: str) -> None:
+        self.engine.abort(seq_id, reason)
 
     # -- health and lifecycle -------------------------------------------------------------------
 

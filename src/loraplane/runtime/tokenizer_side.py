@@ -1,16 +1,19 @@
-"""TokenizerSide: what the HTTP side answers from the tokenizer alone, wherever the engine runs.
+"""TokenizerSide: the HTTP side's half of RuntimeAPI, wherever the engine runs.
 
 Prompts become token ids and token ids become text where the HTTP requests are, never on the
 engine's thread: the in-process Runtime and the RemoteRuntime (engine in its own process)
-both have this half of RuntimeAPI from here, with the Streams that make the output text.
+both have from here the tokenizer's answers and submit, which opens a request's Streams and
+hands it to the engine through their two hooks, submit_ids and release.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from loraplane.runtime.detokenizer import Detokenizer
-from loraplane.runtime.outputs import Streams
+from loraplane.runtime.outputs import RequestStream, Streams
+from loraplane.runtime.sampling import SamplingParams
 
 
 class TokenizerSide:
@@ -18,6 +21,35 @@ class TokenizerSide:
         self.tokenizer = tokenizer
         self.streams = Streams(Detokenizer(tokenizer))
         self._special_ids = set(tokenizer.all_special_ids)
+
+    def submit(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        adapter: str | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> list[RequestStream]:
+        return self.streams.submit(
+            prompts,
+            params,
+            lambda seq_ids: self.submit_ids(prompts, params, adapter, seq_ids),
+            self.release,
+            loop,
+        )
+
+    def submit_ids(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        adapter: str | None,
+        seq_ids: list[int],
+    ) -> None:
+        """Hand the engine a request whose streams are open (Engine.submit's refusals)."""
+        raise NotImplementedError
+
+    def release(self, seq_id: int, reason: str) -> None:
+        """Tell the engine a sequence is over: "stop" (its stop string) or "abort"."""
+        raise NotImplementedError
 
     def encode(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=special))
