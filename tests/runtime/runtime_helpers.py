@@ -59,6 +59,41 @@ class RunningServer:
         self.sock.close()
 
 
+def start_runtime_process(demo_dir, tmp_path: Path, *flags: str, env=None):
+    """`python -m loraplane.runtime` on the demo base with the poet adapter, on a free port,
+    waited for until ready: (the process, its URL). flags are added to its command line."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    base, adapters = demo_dir
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "loraplane.runtime", "--model", str(base)]
+    command += ["--port", str(port), "--device", "cpu", "--adapter", f"poet={adapters['poet']}"]
+    command += ["--cache-dir", str(tmp_path / "cache"), "--log-level", "warning", *flags]
+    proc = subprocess.Popen(command, env=os.environ | (env or {}))
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, f"the runtime exited with {proc.returncode}"
+        try:
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, "the runtime process to be ready")
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
+
+
 def wait_for(predicate: Callable[[], object], what: str, timeout_s: float = 60) -> None:
     """Poll predicate until it is true; fail naming what was awaited once the deadline passes.
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
-from runtime_helpers import RunningServer, make_config, wait_for
+from runtime_helpers import RunningServer, make_config, start_runtime_process
 
 REQUESTS = [
     ("/v1/completions", {"model": "tiny", "prompt": "hello", "max_tokens": 6, "temperature": 0}),
@@ -84,44 +82,6 @@ def test_the_engine_process_answers_as_one_process_does(demo_dir, tmp_path):
     assert 'loraplane_generated_tokens_total{adapter="poet"}' in metrics
 
 
-def _start(demo_dir, tmp_path) -> tuple[subprocess.Popen, str]:
-    base, adapters = demo_dir
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loraplane.runtime",
-            "--model",
-            str(base),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--adapter",
-            f"poet={adapters['poet']}",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--allow-unauthenticated-admin",
-            "--log-level",
-            "warning",
-        ]
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        assert proc.poll() is None, f"the runtime exited with {proc.returncode}"
-        try:
-            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(ready, "the runtime to be ready")
-    return proc, url
-
-
 def _engine_pid(parent: int) -> int:
     children = subprocess.run(
         ["pgrep", "-P", str(parent)], capture_output=True, text=True, check=False
@@ -144,7 +104,7 @@ def _alive(pid: int) -> bool:
 def test_when_the_engine_process_dies_requests_end_with_503_and_the_server_exits_1(
     demo_dir, tmp_path
 ):
-    proc, url = _start(demo_dir, tmp_path)
+    proc, url = start_runtime_process(demo_dir, tmp_path, "--allow-unauthenticated-admin")
     try:
         engine = _engine_pid(proc.pid)
         lines: list[str] = []
@@ -179,7 +139,7 @@ def test_when_the_engine_process_dies_requests_end_with_503_and_the_server_exits
 
 
 def test_the_engine_process_never_outlives_its_server(demo_dir, tmp_path):
-    proc, _ = _start(demo_dir, tmp_path)
+    proc, _ = start_runtime_process(demo_dir, tmp_path, "--allow-unauthenticated-admin")
     try:
         engine = _engine_pid(proc.pid)
         proc.kill()  # SIGKILL: no handler runs, only the pipe closes

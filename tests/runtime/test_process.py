@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 
 import httpx
 import pytest
-from runtime_helpers import wait_for
+from runtime_helpers import start_runtime_process
 
 from loraplane.runtime.__main__ import parse_args
 
@@ -96,45 +93,10 @@ def test_the_admin_api_is_never_open_by_accident(tmp_path):
 
 
 def test_sigterm_finishes_running_requests_then_exits_zero(demo_dir, tmp_path):
-    base, adapters = demo_dir
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loraplane.runtime",
-            "--model",
-            str(base),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-            "--adapter",
-            f"poet={adapters['poet']}",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--shutdown-timeout",
-            "60",
-            "--log-level",
-            "warning",
-        ],
-        env=os.environ | {"LORAPLANE_ADMIN_TOKEN": "t"},
+    proc, url = start_runtime_process(
+        demo_dir, tmp_path, "--shutdown-timeout", "60", env={"LORAPLANE_ADMIN_TOKEN": "t"}
     )
     try:
-
-        def ready() -> bool:
-            assert proc.poll() is None, f"the runtime exited with {proc.returncode}"
-            try:
-                return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, "the runtime process to be ready")
         body = {
             "model": "poet",
             "prompt": "hello",
