@@ -25,6 +25,8 @@ def parse_args(
     p = _parser(env)
     a = p.parse_args(argv)
     d = _defaults()
+    # Asked only when not given: the question imports torch and wakes the CUDA driver.
+    device = a.device or ("cuda" if _has_cuda() else "cpu")
     adapters = {}
     for item in a.adapter:
         name, sep, source = item.partition("=")
@@ -45,8 +47,8 @@ def parse_args(
         base_model_aliases=tuple(a.base_model_alias),
         host=a.host,
         port=a.port,
-        device=a.device,
-        dtype=a.dtype or ("bfloat16" if a.device == "cuda" else "float32"),
+        device=device,
+        dtype=a.dtype or ("bfloat16" if device == "cuda" else "float32"),
         max_adapters=a.max_adapters,
         max_cpu_adapters=a.max_cpu_adapters,
         max_lora_rank=a.max_lora_rank,
@@ -96,7 +98,7 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", choices=("cpu", "cuda"))
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when torch sees one")
     p.add_argument(
         "--dtype",
         default=None,
