@@ -142,6 +142,8 @@ REJECTED = [
     ),
     (bmd(replicas=1.5), "spec.replicas"),
     (bmd(maxBatchTokens=10**9), "spec.maxBatchTokens"),
+    (bmd(maxRunningSequences=512, maxBatchTokens=256), "maxRunningSequences must be less than"),
+    (bmd(maxRunningSequences=0), "spec.maxRunningSequences"),
     (bmd(maxModelLen=8), "spec.maxModelLen"),
     (bmd(gpuMemoryUtilizationPercent=101), "spec.gpuMemoryUtilizationPercent"),
     (lora(source="pvc://claim/a", secretRef={"name": "creds"}), "secretRef is only used by"),

@@ -27,7 +27,13 @@ def flag(args: list[str], name: str) -> str:
 
 
 def test_the_runtime_command_carries_every_sizing_knob() -> None:
-    b = bmd(maxAdapters=16, maxCpuAdapters=64, maxLoraRank=32, maxBatchTokens=4096)
+    b = bmd(
+        maxAdapters=16,
+        maxCpuAdapters=64,
+        maxLoraRank=32,
+        maxBatchTokens=4096,
+        maxRunningSequences=256,
+    )
     args = manifests.runtime_args(b, CONFIG)
     assert args[0] == "loraplane-runtime"
     assert flag(args, "--model") == "hf://org/mistral@v2"
@@ -35,6 +41,7 @@ def test_the_runtime_command_carries_every_sizing_knob() -> None:
     assert flag(args, "--host") == "$(POD_IP)" and flag(args, "--port") == "8000"
     assert (flag(args, "--max-adapters"), flag(args, "--max-cpu-adapters")) == ("16", "64")
     assert (flag(args, "--max-lora-rank"), flag(args, "--max-num-batched-tokens")) == ("32", "4096")
+    assert flag(args, "--max-running") == "256"
     assert flag(args, "--served-model-name") == "mistral"
     assert "$(POD_NAME)" in flag(args, "--cache-dir")
     assert flag(args, "--gpu-memory-utilization") == "0.9" and "--max-model-len" not in args
@@ -51,6 +58,7 @@ def test_every_runtime_flag_the_operator_passes_is_one_the_runtime_takes() -> No
     parsed = _parser({}).parse_args([a.replace("$(POD_IP)", "10.0.0.1") for a in args])
     assert (parsed.max_model_len, parsed.gpu_memory_utilization) == (4096, 0.8)
     assert parsed.max_num_batched_tokens == b.spec.max_batch_tokens
+    assert parsed.max_running == b.spec.max_running_sequences
 
 
 def test_cpu_replicas_run_float32_without_a_gpu_limit() -> None:

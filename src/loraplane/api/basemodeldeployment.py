@@ -33,6 +33,10 @@ MIN_LE_MAX = "autoscaling.minReplicas must be less than or equal to autoscaling.
 PANIC_LE_STABLE = (
     "autoscaling.panicWindowSeconds must be less than or equal to autoscaling.stableWindowSeconds"
 )
+RUNNING_LE_BATCH = (
+    "maxRunningSequences must be less than or equal to maxBatchTokens: every running sequence "
+    "decodes a token in each step, and a step holds at most maxBatchTokens tokens"
+)
 NAME_RULE = (
     f"metadata.name of a BaseModelDeployment must be a DNS-1035 label of at most {BASE_NAME_MAX} "
     "characters (lowercase letters, digits and '-', starting with a letter): it names the "
@@ -126,6 +130,16 @@ class AutoscalingSpec(K8sModel):
 class BaseModelDeploymentSpec(K8sModel):
     """The desired state of a BaseModelDeployment."""
 
+    cel_rules = (
+        Rule(
+            cel="!has(self.maxRunningSequences) || !has(self.maxBatchTokens)"
+            " || self.maxRunningSequences <= self.maxBatchTokens",
+            message=RUNNING_LE_BATCH,
+            holds=lambda s: s.max_running_sequences <= s.max_batch_tokens,
+            field_path=".maxRunningSequences",
+        ),
+    )
+
     model: ModelSpec
     """The base model every replica serves."""
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, json_schema_extra={"default": {}})
@@ -140,6 +154,8 @@ class BaseModelDeploymentSpec(K8sModel):
     """Largest LoRA rank an adapter may have; it sizes the GPU slot buffers. Adapters above it are rejected as incompatible."""
     max_batch_tokens: int = Field(default=8192, ge=64, le=1048576)
     """Most tokens (prefill and decode, all adapters) in one batch step; longer prompts are prefilled in chunks. It does not size the KV cache."""
+    max_running_sequences: int = Field(default=64, ge=1, le=1024)
+    """Most sequences decoded together in one step, over all adapters (vLLM's max_num_seqs); more wait in the queue. Each batch size up to it gets a CUDA graph: a larger value serves more streams at once for more graph memory and capture time at start."""
     max_model_len: int | None = Field(default=None, ge=16, le=1048576)
     """Longest sequence (prompt plus max_tokens) a request may ask for; longer ones get a 400. Unset: the model's own limit, within the KV cache."""
     gpu_memory_utilization_percent: int = Field(default=90, ge=10, le=100)

@@ -111,6 +111,8 @@ def runtime_args(bmd: BaseModelDeployment, config: OperatorConfig) -> list[str]:
         str(spec.max_lora_rank),
         "--max-num-batched-tokens",
         str(spec.max_batch_tokens),
+        "--max-running",
+        str(spec.max_running_sequences),
         "--gpu-memory-utilization",
         f"{spec.gpu_memory_utilization_percent / 100:g}",
         *limits,
