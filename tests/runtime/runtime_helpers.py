@@ -107,6 +107,27 @@ def wait_for(predicate: Callable[[], object], what: str, timeout_s: float = 60) 
         time.sleep(0.01)
 
 
+def stream_in_background(url: str, body: dict) -> tuple[threading.Thread, list[str]]:
+    """POST body to url's /v1/completions as a stream, read by a thread that collects the
+    non-empty SSE lines; returns once the first line has arrived (the request is running)."""
+    import httpx
+
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                started.set()
+                if line:
+                    lines.append(line)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert started.wait(30), "the stream sent nothing in 30 s"
+    return reader, lines
+
+
 class StepGate:
     """Stands in for ModelRunner.launch: each engine step waits until the test lets it through.
 

@@ -7,12 +7,16 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import httpx
-from runtime_helpers import RunningServer, make_config, start_runtime_process
+from runtime_helpers import (
+    RunningServer,
+    make_config,
+    start_runtime_process,
+    stream_in_background,
+)
 
 REQUESTS = [
     ("/v1/completions", {"model": "tiny", "prompt": "hello", "max_tokens": 6, "temperature": 0}),
@@ -107,8 +111,6 @@ def test_when_the_engine_process_dies_requests_end_with_503_and_the_server_exits
     proc, url = start_runtime_process(demo_dir, tmp_path, "--allow-unauthenticated-admin")
     try:
         engine = _engine_pid(proc.pid)
-        lines: list[str] = []
-        started = threading.Event()
         body = {
             "model": "poet",
             "prompt": "hello",
@@ -116,17 +118,7 @@ def test_when_the_engine_process_dies_requests_end_with_503_and_the_server_exits
             "ignore_eos": True,
             "stream": True,
         }
-
-        def stream() -> None:
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    started.set()
-                    if line:
-                        lines.append(line)
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert started.wait(30)
+        reader, lines = stream_in_background(url, body)
         os.kill(engine, signal.SIGKILL)
         reader.join(timeout=60)
         assert proc.wait(timeout=60) == 1  # Kubernetes restarts it

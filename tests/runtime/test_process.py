@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 
-import httpx
 import pytest
-from runtime_helpers import start_runtime_process
+from runtime_helpers import start_runtime_process, stream_in_background
 
 from loraplane.runtime.__main__ import parse_args
 
@@ -105,19 +103,7 @@ def test_sigterm_finishes_running_requests_then_exits_zero(demo_dir, tmp_path):
             "ignore_eos": True,
             "stream": True,
         }
-        chunks: list[str] = []
-        started = threading.Event()
-
-        def stream() -> None:
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    started.set()
-                    if line:
-                        chunks.append(line)
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert started.wait(30)
+        reader, chunks = stream_in_background(url, body)
         proc.send_signal(signal.SIGTERM)
         reader.join(timeout=120)
         assert proc.wait(timeout=60) == 0

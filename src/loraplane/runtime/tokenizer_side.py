@@ -9,6 +9,7 @@ hands it to the engine through their two hooks, submit_ids and release.
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from typing import Any
 
 from loraplane.runtime.detokenizer import Detokenizer
@@ -16,7 +17,7 @@ from loraplane.runtime.outputs import RequestStream, Streams
 from loraplane.runtime.sampling import SamplingParams
 
 
-class TokenizerSide:
+class TokenizerSide(ABC):
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.streams = Streams(Detokenizer(tokenizer))
@@ -37,6 +38,7 @@ class TokenizerSide:
             loop,
         )
 
+    @abstractmethod
     def submit_ids(
         self,
         prompts: list[list[int]],
@@ -45,11 +47,10 @@ class TokenizerSide:
         seq_ids: list[int],
     ) -> None:
         """Hand the engine a request whose streams are open (Engine.submit's refusals)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def release(self, seq_id: int, reason: str) -> None:
         """Tell the engine a sequence is over: "stop" (its stop string) or "abort"."""
-        raise NotImplementedError
 
     def encode(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=special))
