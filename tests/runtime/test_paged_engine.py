@@ -5,12 +5,80 @@ captures, each answer held to PEFT's own."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import traceback
 
 import httpx
 import torch
 from runtime_helpers import RunningServer, make_config, peft_greedy
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from loraplane.runtime.cuda_graphs import DecodeGraphs, DecodeInputs, batch_buckets
+
+aten = torch.ops.aten
+# Ops whose result the host needs before it can go on: on a GPU, a sync, which stream capture
+# refuses (the capture fails, and decode steps run eagerly). lift_fresh is torch.tensor() of
+# host data: a copy from pageable memory, which capture refuses too.
+HOST_READS = {
+    aten._local_scalar_dense.default,  # .item(), int(t), bool(t), `if t:`
+    aten.is_nonzero.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten._unique2.default,
+    aten.lift_fresh.default,
+}
+TRITON = os.sep + "triton" + os.sep
+
+
+class HostReads(TorchDispatchMode):
+    """Records what, in the code a CUDA graph captures, would read the device from the host.
+
+    The Triton interpreter's own tensor handling (it runs kernels on host copies) is not the
+    captured code and is skipped; our launchers, which run on the host in a graph too, are not.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def _record(self, what: str) -> None:
+        frame = sys._getframe(2)
+        while frame is not None:
+            if TRITON in frame.f_code.co_filename:
+                return
+            frame = frame.f_back
+        where = "".join(traceback.format_stack(limit=6)[:-2])
+        self.found.append(f"{what}\n{where}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in HOST_READS:
+            self._record(str(func))
+        elif func is aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1]
+        ):
+            self._record("boolean-mask indexing (a data-dependent shape)")
+        elif func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+            self._record("repeat_interleave without output_size")
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        # Not dispatched on a CPU tensor, and a device-to-host copy on a GPU one.
+        self._tolist = torch.Tensor.tolist
+        mode = self
+
+        def tolist(t):
+            mode._record("Tensor.tolist")
+            return mode._tolist(t)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
 
 PROMPTS = ["the quick brown fox jumps over", "SELECT name FROM users", "hello"]
 MODELS = ["tiny", "poet", "sql-expert"]
@@ -18,18 +86,23 @@ MAX_TOKENS = 5
 
 
 class EagerGraphs(DecodeGraphs):
-    """DecodeGraphs that run the code a graph would capture, eagerly: no GPU needed."""
+    """DecodeGraphs that run the code a graph would capture, eagerly: no GPU needed. It also
+    records anything in that code that would read the device from the host."""
 
     def __init__(self, inputs: DecodeInputs, buckets: list[int]) -> None:
         super().__init__(inputs, buckets)
         self.replays: list[tuple[int, int, bool]] = []
+        self.host_reads: list[str] = []
 
     def run(self, seqs, lora_slots, taken=None):
         bucket = self.bucket(len(seqs))
         with_lora = any(s >= 0 for s in lora_slots)
         self.inputs.fill(seqs, lora_slots, bucket, taken)
         self.replays.append((len(seqs), bucket, with_lora))
-        return self.inputs.forward(bucket, with_lora)[: len(seqs)]
+        with HostReads() as reads:
+            logits = self.inputs.forward(bucket, with_lora)
+        self.host_reads += reads.found
+        return logits[: len(seqs)]
 
 
 async def answers(server: RunningServer) -> list[str]:
@@ -86,6 +159,27 @@ def test_decode_through_graph_inputs_answers_as_peft_does(demo_dir, tmp_path):
     # Decodes went through the padded inputs, mixed batches with and without adapters.
     assert any(n < bucket for n, bucket, _ in graphs.replays), graphs.replays
     assert any(lora for *_, lora in graphs.replays), graphs.replays
+    # And the code a graph captures never waited on the device.
+    assert not graphs.host_reads, "\n".join(graphs.host_reads[:3])
+
+
+def test_host_reads_are_caught():
+    # The check above can fail: each kind of host read, and none from the interpreter.
+    x = torch.arange(6)
+    with HostReads() as reads:
+        int(x.max())
+        x[x > 2]
+        torch.tensor([1, 2])
+        x.tolist()
+        x.repeat_interleave(x)
+        torch.where(x > 2, x, 0)  # no read: stays on the device
+    assert [r.split("\n")[0] for r in reads.found] == [
+        "aten._local_scalar_dense.default",
+        "boolean-mask indexing (a data-dependent shape)",
+        "aten.lift_fresh.default",
+        "Tensor.tolist",
+        "repeat_interleave without output_size",
+    ]
 
 
 def test_graph_inputs_pad_rows_that_attend_to_nothing(demo_dir, tmp_path):

@@ -165,7 +165,7 @@ class DecodeInputs:
             ),
         )
         if with_lora:
-            self.lora.set_batch(self.token_slots[:bucket])
+            self.lora.set_batch(self.token_slots[:bucket], graph_safe=True)
         else:
             self.lora.clear_batch()
         try:

@@ -51,15 +51,20 @@ def choose_block_m(num_tokens: int, active_slots: int) -> int:
 
 
 def make_batch(
-    token_slots: torch.Tensor, num_slots: int, device: torch.device, use_kernels: bool
+    token_slots: torch.Tensor,
+    num_slots: int,
+    device: torch.device,
+    use_kernels: bool,
+    graph_safe: bool = False,
 ) -> LoraBatch:
-    # token_slots: [tokens] int, -1 = base only
+    # token_slots: [tokens] int, -1 = base only. graph_safe: never read the values, even of a
+    # host tensor (what a CUDA graph captures; on a CPU, the same code path).
     if token_slots.dim() != 1 or token_slots.is_floating_point():
         raise ValueError(
             f"token_slots must be a 1-D integer tensor, got {token_slots.dtype} {tuple(token_slots.shape)}"
         )
     num_tokens = int(token_slots.shape[0])
-    if token_slots.device.type == "cpu":
+    if token_slots.device.type == "cpu" and not graph_safe:
         # Host data can be checked for free; device data is trusted so a step never syncs.
         bad = (token_slots < -1) | (token_slots >= num_slots)
         if bool(bad.any()):

@@ -74,14 +74,16 @@ class LoraWeightBank:
         for layer in self.layers.values():
             layer.clear_slot(slot)
 
-    def set_batch(self, token_slots: torch.Tensor) -> None:
+    def set_batch(self, token_slots: torch.Tensor, graph_safe: bool = False) -> None:
         """token_slots: [tokens] int, -1 = base only, in the order the layers see the tokens.
 
         A host tensor is range-checked and, when no token has an adapter, makes the layers
         skip LoRA altogether; a device tensor is trusted and never synchronised, so the step
-        (this call included) can be captured in a CUDA graph.
+        (this call included) can be captured in a CUDA graph. graph_safe treats a host tensor
+        as a device one: a CPU run of a graph's code takes the path the graph captures.
         """
-        self.step.start(make_batch(token_slots, self.max_slots, self.device, self.use_kernels))
+        batch = make_batch(token_slots, self.max_slots, self.device, self.use_kernels, graph_safe)
+        self.step.start(batch)
 
     def clear_batch(self) -> None:
         self.step.start(None)
