@@ -17,8 +17,6 @@ from loraplane.runtime.kernels.paged_common import (
     _check_out,
 )
 
-DECODE_BLOCK_N = 64  # 64 positions x 128 dims x 2 B = 16 KB of K (and of V) per load
-DECODE_WARPS = 4  # decode is memory-bound; a group tile is only 16 rows of tl.dot
 MIN_GROUP_ROWS = 16  # tl.dot's smallest M: a 4-head group pads to 16 rows (masked, free)
 # Enough programs for two waves on an H100/H200 (132 SMs) before splitting the context.
 TARGET_PROGRAMS = 256
@@ -151,6 +149,14 @@ def _decode_reduce_kernel(
     tl.store(out, o.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
+def decode_tiles(fp32: bool) -> tuple[int, int]:
+    # (BLOCK_N positions, num_warps). 64 positions x 128 dims x 2 B = 16 KB of K (and of V)
+    # per load, over 4 warps: decode is memory-bound and a group tile is only 16 rows of
+    # tl.dot. fp32 tiles (the GPU tests' precision) spill there at d = 128, and not over
+    # twice the warps (test_kernels_compile.py).
+    return (64, 8) if fp32 else (64, 4)
+
+
 def choose_num_splits(seqs: int, kv_heads: int, max_blocks: int, block_size: int) -> int:
     # From shapes only (never context_lens on the device): a captured graph keeps its grid.
     programs = seqs * kv_heads
@@ -187,6 +193,7 @@ def paged_decode_attention(
     splits = num_splits or choose_num_splits(seqs, kv_heads, block_tables.shape[1], block_size)
     assert splits >= 1, splits
     block_d = _block_d(d)
+    block_n, warps = decode_tiles(q.dtype == torch.float32)
     # Unused with one split (the kernel writes out directly): one-row scratch keeps the launch.
     part = torch.empty(
         seqs if splits > 1 else 1, heads, splits, d, dtype=torch.float32, device=q.device
@@ -201,7 +208,7 @@ def paged_decode_attention(
         lse.stride(0), lse.stride(1),
         GROUP=group, HEAD_DIM=d, CACHE_BLOCK=block_size, WINDOW=sliding_window or 0,
         NUM_SPLITS=splits, BLOCK_G=max(MIN_GROUP_ROWS, triton.next_power_of_2(group)),
-        BLOCK_N=DECODE_BLOCK_N, BLOCK_D=block_d, IEEE=exact_dot(q), num_warps=DECODE_WARPS,
+        BLOCK_N=block_n, BLOCK_D=block_d, IEEE=exact_dot(q), num_warps=warps,
     )  # fmt: skip
     if splits > 1:
         _decode_reduce_kernel[(seqs, heads)](
@@ -209,6 +216,6 @@ def paged_decode_attention(
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=d, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits),
-            BLOCK_D=block_d, num_warps=DECODE_WARPS,
+            BLOCK_D=block_d, num_warps=4,
         )  # fmt: skip
     return out

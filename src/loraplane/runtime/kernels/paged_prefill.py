@@ -93,10 +93,15 @@ def _prefill_kernel(
     tl.store(out, o.to(out_ptr.dtype.element_ty), mask=hd_mask)
 
 
-def prefill_tiles(group: int, d: int) -> tuple[int, int, int]:
+def prefill_tiles(group: int, d: int, fp32: bool = False) -> tuple[int, int, int]:
     # (BLOCK_M rows = queries x group heads, BLOCK_N positions, num_warps): FlashAttention-2's
-    # tiles; the fp32 accumulator is BLOCK_M x d, so d = 256 halves both.
-    block_m, block_n, warps = (128, 64, 8) if d <= 128 else (64, 32, 8)
+    # tiles; the fp32 accumulator is BLOCK_M x d, so d = 256 halves both. fp32 inputs (IEEE
+    # dots on CUDA cores, the GPU tests' precision) hold every operand tile in fp32 registers:
+    # ptxas spills at 128 x 64 even for d = 32, and not at these (test_kernels_compile.py).
+    if fp32:
+        block_m, block_n, warps = (32, 32, 4) if d <= 128 else (16, 32, 4)
+    else:
+        block_m, block_n, warps = (128, 64, 8) if d <= 128 else (64, 32, 8)
     return max(block_m, triton.next_power_of_2(group)), block_n, warps
 
 
@@ -129,7 +134,7 @@ def paged_prefill_attention(
     out = _check_out(q, out)
     if tokens == 0 or seqs == 0 or max_query_len == 0:
         return out
-    block_m, block_n, warps = prefill_tiles(group, d)
+    block_m, block_n, warps = prefill_tiles(group, d, q.dtype == torch.float32)
     block_q = block_m // group
     grid = (triton.cdiv(max_query_len, block_q), k_cache.shape[1], seqs)
     _prefill_kernel[grid](
