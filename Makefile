@@ -101,11 +101,14 @@ bench-cpu: install ## Run the benchmarks at a tiny size on the CPU (proves the s
 bench-gpu: install ## Build, check and time everything on a GPU in one run
 	bench/run_all.sh --gpu
 
+image-stack: install ## The runtime tests and sm_90 kernel compiles on the GPU bench image's torch/triton/transformers (CPU)
+	bench/image_stack.sh
+
 e2e: install cluster-bins ## End-to-end suite against the local control plane or KUBECONFIG
 	$(PY) -m pytest -m e2e e2e
 
 clean: ## Remove the venv and local caches in the clone
-	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-image-stack .cache .pytest_cache .mypy_cache .ruff_cache
 
 # Images: tagged with the chart's appVersion, which is what the chart's default image tags
 # follow; override IMAGE_REPO (and IMAGE_TAG) to push to your own registry.
