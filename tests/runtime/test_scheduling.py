@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+from runtime_helpers import RunningServer, make_config
 from test_engine_parts import NoRegistry, entry
 
 from loraplane.runtime.adapters.host_tier import HostTier
@@ -137,7 +138,7 @@ async def test_chunked_prefill_and_cached_prefixes_answer_as_peft_does(demo_dir,
     import asyncio
 
     import httpx
-    from runtime_helpers import RunningServer, make_config, peft_greedy
+    from runtime_helpers import peft_greedy
 
     base, adapters = demo_dir
     stem = "the quick brown fox jumps over the lazy dog while the cat "
@@ -262,3 +263,21 @@ def test_a_steps_tokens_are_streamed_while_the_next_step_runs(demo_dir, tmp_path
     assert cut["choices"][0]["text"] == "".join(pieces[:k])
     assert cut["choices"][0]["finish_reason"] == "stop"
     assert cut["usage"]["completion_tokens"] == k + 1
+
+
+def test_the_profiling_step_stays_within_the_models_positions(demo_dir, tmp_path):
+    # On a GPU the KV cache is sized after one step of the whole token budget; a budget above
+    # max_position_embeddings (512 here) is cut into sequences the rotary tables cover.
+    # Run here on the CPU, where the step is otherwise skipped: an index past the tables
+    # raises an IndexError (on CUDA it was a device-side assert that killed the engine).
+    from loraplane.runtime.model_runner import profile_sequence_lengths
+
+    assert profile_sequence_lengths(1300, 512) == [512, 512, 276]
+    assert profile_sequence_lengths(1024, 512) == [512, 512]
+    assert profile_sequence_lengths(100, 512) == [100]
+    base, _ = demo_dir
+    runner = RunningServer(make_config(base, tmp_path, max_num_batched_tokens=1300)).runtime.runner
+    assert runner.model.config.max_position_embeddings == 512
+    runner._profile_forward(1300)
+    # Its cache held every sequence's blocks: 32 + 32 + 18 of 16 tokens.
+    assert runner.k_cache.shape[1] == (32 + 32 + 18) * runner.config.block_size + 2

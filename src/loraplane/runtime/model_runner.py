@@ -133,7 +133,6 @@ class ModelRunner:
         # The largest step this runner will take, with every token through a LoRA slot, on a
         # cache just big enough for it: its peak is what activations need beside the weights.
         tokens = c.max_num_batched_tokens
-        self._allocate_kv_cache(-(-tokens // c.block_size))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         self._profile_forward(tokens)
@@ -163,11 +162,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_forward(self, tokens: int) -> None:
+        """One step of `tokens` prompt tokens, on a KV cache allocated just big enough for it.
+
+        The step is cut into sequences no longer than the model takes: a budget above
+        max_position_embeddings (a small model beside the default budget) would otherwise
+        index past the rotary tables.
+        """
         mc = self.model.config
+        lens = profile_sequence_lengths(tokens, mc.max_position_embeddings)
+        bs = self.config.block_size
+        tables, next_block = [], 0
+        for n in lens:
+            tables.append(list(range(next_block, next_block + -(-n // bs))))
+            next_block += len(tables[-1])
+        self._allocate_kv_cache(next_block)
         ctx = AttentionContext.build(
-            [tokens],
-            [tokens],
-            [list(range(-(-tokens // self.config.block_size)))],
+            lens,
+            lens,
+            tables,
             self.config.block_size,
             mc.sliding_window,
             self.device,
@@ -344,3 +356,9 @@ class PendingStep:
         if self.done is not None:
             self.done.synchronize()
         return read_back(self.host)
+
+
+def profile_sequence_lengths(tokens: int, max_len: int) -> list[int]:
+    """`tokens` cut into sequences of at most max_len (the last one shorter)."""
+    full, rest = divmod(tokens, max_len)
+    return [max_len] * full + ([rest] if rest else [])
