@@ -120,8 +120,6 @@ class Bench:
     def check(self) -> bool:
         """The timed step is a real decode step: it matches HF's forward, eager and in a graph."""
         ok = True
-        # bf16: 32 layers of differently ordered roundings; a wrong rope or cache is O(1).
-        tol = 1e-4 if self.dtype == torch.float32 else 5e-2
         n = max(self.args.ns)
         ts = self.row_slots(n)
         ts[::3] = -1
@@ -131,6 +129,21 @@ class Bench:
         self.bank.backend = "torch"
         self.bank.set_batch(ts.repeat_interleave(seq))
         want = self.model(input_ids=ids).logits[:, -1].float()
+        # In bf16, 32 random layers of differently ordered roundings put even HF's own
+        # token-by-token decode a few percent from its full forward (5.6e-2 on an H200 at the
+        # 8B shape), while a wrong rope, cache or LoRA row is O(1): the tolerance is twice
+        # that floor, measured here, rather than a number that holds on one card only.
+        self.bank.set_batch(ts)
+        cache = None
+        for t in range(seq):
+            out = self.model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+        floor = rel_err(out.logits[:, -1].float(), want)
+        print(
+            f"check HF token-by-token decode vs HF forward (the noise floor): rel.err {floor:.1e}"
+        )
+        del cache, out
+        tol = 1e-4 if self.dtype == torch.float32 else max(2 * floor, 1e-2)
         dec = StaticDecoder(self.model, self.args.batch, max_len=seq)
         self.bank.backend = "triton"
         self.bank.set_batch(ts)
@@ -298,8 +311,12 @@ def swap_in(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> None
         setattr(model.get_submodule(parent), short, module)
 
 
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
 def report(what: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
-    err = ((got - want).abs().max() / want.abs().max()).item()
+    err = rel_err(got, want)
     good = math.isfinite(err) and err < tol
-    print(f"check {what}: rel.err {err:.1e}  {'ok' if good else 'WRONG'}")
+    print(f"check {what}: rel.err {err:.1e} (tolerance {tol:.0e})  {'ok' if good else 'WRONG'}")
     return good
