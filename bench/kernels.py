@@ -43,7 +43,8 @@ def main() -> int:
 
     ok = check(size, slots, dtype, device)
     table(size, slots, dtype, device, iters, choose_block_m)
-    sweep(size, slots, dtype, device, iters, choose_block_m)
+    for live in (slots, 1):
+        sweep(size, slots, live, dtype, device, iters, choose_block_m)
     return 0 if ok else 1
 
 
@@ -151,8 +152,9 @@ def table(size, slots, dtype, device, iters, choose_block_m) -> None:
     row("none", 0, 16, 16, torch.full((tokens,), -1, dtype=torch.int32, device=device))
 
 
-def sweep(size, slots, dtype, device, iters, choose_block_m) -> None:
-    """Each kernel alone over its tile choices, for the decode case that matters most."""
+def sweep(size, slots, live, dtype, device, iters, choose_block_m) -> None:
+    """Each kernel alone over its tile choices at decode, `live` of `slots` adapters in use:
+    all distinct (the most work) and one shared (the fixed cost a batch pays for LoRA)."""
     import torch
 
     from loraplane.runtime.kernels import lora_expand, lora_shrink, segment_tiles
@@ -167,7 +169,7 @@ def sweep(size, slots, dtype, device, iters, choose_block_m) -> None:
     a, b, ranks, scales = site(d_in, d_out, slots, 16, 16, dtype, device, gen)
     x = torch.randn(tokens, d_in, generator=gen).to(dtype).to(device)
     y = torch.zeros(tokens, d_out, dtype=dtype, device=device)
-    tiles = segment_tiles(token_slots(tokens, slots, device), slots, choose_block_m(tokens, slots))
+    tiles = segment_tiles(token_slots(tokens, live, device), slots, choose_block_m(tokens, slots))
     h = lora_shrink(x, a, ranks, tiles)
 
     def us(fn) -> float:
@@ -178,7 +180,7 @@ def sweep(size, slots, dtype, device, iters, choose_block_m) -> None:
         return median_ms(capture(run, device), device, iters) * 1e3 / reps
 
     default_split = choose_split_k(tiles, d_in, 16)
-    print(f"\ntile sweep, N={slots} distinct rank-16, {tokens} tokens (* = the default)")
+    print(f"\ntile sweep, N={live} of {slots} slots, rank 16, {tokens} tokens (* = the default)")
     for split in (1, 2) if tiny else (1, 2, 4, 8, 16):
         cells = []
         for bk in (64, 128) if tiny else (64, 128, 256):
@@ -189,7 +191,8 @@ def sweep(size, slots, dtype, device, iters, choose_block_m) -> None:
     cells = []
     for bn in (64, 128) if tiny else (32, 64, 128, 256):
         t = us(lambda n=bn: lora_expand(y, h, b, ranks, scales, tiles, block_n=n))
-        cells.append(f"BLOCK_N={bn:<3} {t:8.1f} us{'*' if bn == BLOCK_N else ' '}")
+        mark = "*" if bn == BLOCK_N[tiles.phase] else " "
+        cells.append(f"BLOCK_N={bn:<3} {t:8.1f} us{mark}")
     print("  expand             " + "   ".join(cells))
 
 

@@ -150,7 +150,7 @@ def test_group_launch_grid_is_the_one_its_function_reports(monkeypatch):
     ranks, scales = torch.zeros(3, 30, dtype=torch.int32), [torch.zeros(30)] * 3
     lora_expand_group(ys, torch.zeros(1, 60, 48), bs, ranks, scales, tiles)
     config = EXPAND_GROUP_CONFIGS[("decode", torch.float32)]
-    want = expand_group_programs(tiles, d_outs, BLOCK_N, torch.device("cpu"), config)
+    want = expand_group_programs(tiles, d_outs, BLOCK_N[tiles.phase], torch.device("cpu"), config)
     assert kernel.grids == [(want,)] and want == config.programs_per_sm
 
 

@@ -103,13 +103,13 @@ for arch in ARCHS:
         compile_checked(f"shrink {phase} {dt}", src, arch, config)
     for (phase, dtype), config in EXPAND_CONFIGS.items():
         dt = DTYPE[dtype]
-        c = {"BLOCK_M": BLOCK_M[phase], "BLOCK_N": BLOCK_N, "BLOCK_R": BLOCK_R, "IEEE": dt == "fp32"}
+        c = {"BLOCK_M": BLOCK_M[phase], "BLOCK_N": BLOCK_N[phase], "BLOCK_R": BLOCK_R, "IEEE": dt == "fp32"}
         p = index | {"h_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}", "scales_ptr": "*fp32"}
         src = source(_lora_expand_kernel, p, c)
         compile_checked(f"expand {phase} {dt}", src, arch, config)
     for (phase, dtype), config in EXPAND_GROUP_CONFIGS.items():
         dt = DTYPE[dtype]
-        c = {"BLOCK_M": BLOCK_M[phase], "BLOCK_N": BLOCK_N, "BLOCK_R": BLOCK_R, "IEEE": dt == "fp32"}
+        c = {"BLOCK_M": BLOCK_M[phase], "BLOCK_N": BLOCK_N[phase], "BLOCK_R": BLOCK_R, "IEEE": dt == "fp32"}
         members = {
             f"{v}{m}_ptr": t
             for m in range(3)

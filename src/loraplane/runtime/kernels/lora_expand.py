@@ -24,21 +24,27 @@ from loraplane.runtime.kernels.segments import (
 )
 
 BLOCK_R = 16
-BLOCK_N = 128  # with 16 rank columns: a 4 KB slice of B per program in bf16
+# The d_out slice of one work item. Decode: 256, measured on an H200 (bench/kernels.py's
+# sweep, 4096 -> 4096 at rank 16, 64 tokens, 2 programs an SM, 2026-11-29):
+# BLOCK_N      32    64    128   256
+# N=64       38.6  28.2  19.9  11.4  us  (an item's fixed cost, its tile's metadata and h's
+# N=1         4.5   4.0   3.8   3.7  us   partials, is paid over more columns)
+# Prefill keeps 128: its [64, 128] fp32 accumulator already fills the registers.
+BLOCK_N = {"decode": 256, "prefill": 128}
 
-# Not yet timed: picked from ptxas's register and spill counts (test_kernels_compile.py checks
-# them for sm90 and sm80), to be tuned on a GPU (bench/kernels.py; `config=` tries one). A
-# prefill item holds a [64, 128] fp32 accumulator and the y tile it adds to: at 4 warps that
-# spills (16-144 bytes), at 8 warps it takes 172-195 registers a thread, one program per SM.
-# Decode tiles are [16, 128], 93-106 registers at 4 warps: 4 programs fit an SM and keep more
-# reads of B and y in flight. fp32 decode takes 168 under Triton 3.6 (the GPU bench image's):
-# 3 programs. num_stages changed nothing measured (the rank loop is short).
-_DECODE = LaunchConfig(num_warps=4, num_stages=2, programs_per_sm=4)
+# Picked from ptxas's register and spill counts (test_kernels_compile.py checks them for sm90
+# and sm80). A prefill item holds a [64, 128] fp32 accumulator and the y tile it adds to: at
+# 4 warps that spills (16-144 bytes), at 8 warps it takes 172-195 registers a thread, one
+# program per SM. Decode items are [16, 256]: up to 192 registers at 4 warps on sm90 (256 for
+# fp32 on sm80), so 2 programs fit an SM. Not understood yet: an earlier sweep that launched
+# 4 an SM (2 of them resident, by ptxas's count) ran the N=64 case in 8.6 us, not 11.4; 8
+# warps at 2 an SM is untried. num_stages changed nothing measured (the rank loop is short).
+_DECODE = LaunchConfig(num_warps=4, num_stages=2, programs_per_sm=2)
 _PREFILL = LaunchConfig(num_warps=8, num_stages=2, programs_per_sm=1)
 EXPAND_CONFIGS: LaunchTable = {
     ("decode", torch.bfloat16): _DECODE,
     ("decode", torch.float16): _DECODE,
-    ("decode", torch.float32): LaunchConfig(num_warps=4, num_stages=2, programs_per_sm=3),
+    ("decode", torch.float32): _DECODE,
     ("prefill", torch.bfloat16): _PREFILL,
     ("prefill", torch.float16): _PREFILL,
     ("prefill", torch.float32): _PREFILL,
@@ -242,10 +248,11 @@ def lora_expand(
     ranks: torch.Tensor,
     scales: torch.Tensor,
     tiles: SegmentTiles,
-    block_n: int = BLOCK_N,
+    block_n: int | None = None,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """Add the LoRA delta into y in place and return y. config overrides EXPAND_CONFIGS."""
+    """Add the LoRA delta into y in place and return y. block_n and config override
+    BLOCK_N and EXPAND_CONFIGS."""
     # y: [tokens, d_out]  h: [splits, tokens, r_max] fp32  b: [slots, d_out, r_max]
     assert y.dim() == 2 and h.dim() == 3 and b.dim() == 3, (y.shape, h.shape, b.shape)
     num_tokens, d_out = y.shape
@@ -264,6 +271,7 @@ def lora_expand(
     if num_tokens == 0:
         return y
     config = config or launch_config(EXPAND_CONFIGS, tiles, b.dtype)
+    block_n = block_n or BLOCK_N[tiles.phase]
     grid = (expand_programs(tiles, d_out, block_n, y.device, config),)
     _lora_expand_kernel[grid](
         h,

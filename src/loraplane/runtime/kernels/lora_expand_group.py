@@ -25,13 +25,10 @@ from loraplane.runtime.kernels.segments import (
 )
 
 # The group kernel runs its members' item loops one after another, and ptxas keeps more live
-# across them: at decode 128 registers on sm90 but 168 on sm80 for 16-bit (93-128 for the
-# single kernel), so 4 programs of 128 threads no longer fit an sm80 SM's 64K registers; 3 do.
-# Prefill takes 202-230 registers at one program per SM, as before.
-EXPAND_GROUP_CONFIGS: LaunchTable = EXPAND_CONFIGS | {
-    ("decode", dtype): LaunchConfig(num_warps=4, num_stages=2, programs_per_sm=3)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32)
-}
+# across them: at decode up to 216 registers on sm90 and 248 on sm80 (the single kernel's 192
+# at most), which is still 2 programs of 128 threads in an SM's 64K registers, as for the
+# single kernel. Prefill takes 202-230 registers at one program per SM, as before.
+EXPAND_GROUP_CONFIGS: LaunchTable = EXPAND_CONFIGS
 
 
 @triton.jit
@@ -137,7 +134,7 @@ def lora_expand_group(
     ranks: torch.Tensor,
     scales: Sequence[torch.Tensor],
     tiles: SegmentTiles,
-    block_n: int = BLOCK_N,
+    block_n: int | None = None,
     config: LaunchConfig | None = None,
 ) -> Sequence[torch.Tensor]:
     """lora_expand of each member of a shared-input group (lora/group.py) in one launch: ys[m]
@@ -168,6 +165,7 @@ def lora_expand_group(
     if num_tokens == 0:
         return ys
     config = config or launch_config(EXPAND_GROUP_CONFIGS, tiles, dtype)
+    block_n = block_n or BLOCK_N[tiles.phase]
     d_outs = [y.shape[1] for y in ys]
     y3, b3, s3 = (list(v) + [v[-1]] * (3 - members) for v in (ys, bs, scales))  # a pair: unused
     grid = (expand_group_programs(tiles, d_outs, block_n, h.device, config),)
