@@ -2,7 +2,7 @@
 # The runtime's CPU tests and the kernels' ahead-of-time compile, on the versions the GPU
 # bench image has instead of our pins, here, before device minutes are spent finding out.
 #   bench/image_stack.sh          (~6 min; ~0.7 GB of wheels, fetched once into $VENV)
-#   .ci/run runs it after the e2e suite: the GPU run depends on it and no test here else does.
+#   Run it before a GPU run (not in .ci/run: its wheels and minutes are for that run only).
 #
 # bench/run_all.sh --gpu runs on the image's own torch, triton, transformers, tokenizers,
 # safetensors and huggingface-hub (/work/.library/device/KINDS.md lists them; gpu_wheels.sh
